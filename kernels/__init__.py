@@ -1,0 +1,1 @@
+"""Triton kernels of vllm-seer, each beside a plain-PyTorch reference with the same signature."""

@@ -1,0 +1,158 @@
+"""The SeerAttention prefill gate (``Qavg_Kmaxminavg``) on plain torch tensors.
+
+Used directly by the CPU backend and as the reference for the Triton kernels. Shapes per request:
+
+* ``L`` context length (tokens already in the cache plus this step's new tokens), ``n`` new tokens,
+  ``B`` the gate block size (64), ``nkb = ceil(L / B)`` key blocks, ``nqb`` query blocks touched by
+  the ``n`` new tokens (absolute block ids ``qb0 .. qb0 + nqb - 1`` with ``qb0 = (L - n) // B``).
+* ``Hq`` query heads, ``Hkv`` KV heads, ``D`` head dim, ``G`` gate hidden size (``G == D``).
+
+Semantics follow ``notes/seerattention.md``; deviations (documented in the README): the diagonal
+block is always active, ``last_block_dense`` applies to the last two query-block rows of each prefill
+step, and the gate runs in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vllm_seer.rope import rotate
+
+SPARSITY_METHODS = ("threshold", "nz_ratio")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How active blocks are chosen from gate probabilities."""
+
+    method: str
+    threshold: float
+    nz_ratio: float
+    last_block_dense: bool
+
+    def __post_init__(self) -> None:
+        if self.method not in SPARSITY_METHODS:
+            raise ValueError(f"sparsity_method must be one of {SPARSITY_METHODS}, got {self.method!r}")
+
+
+def pool_k(k_pre: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Pool pre-RoPE keys per block aligned to position 0.
+
+    Args:
+        k_pre: ``[L, Hkv, D]`` keys of positions ``0 .. L-1`` (pre-RoPE).
+    Returns:
+        ``[nkb, Hkv, 3D]`` fp32: ``[max | min | avg]``; the partial last block uses its real tokens.
+    """
+    L, h, d = k_pre.shape
+    nkb = -(-L // block_size)
+    pad = nkb * block_size - L
+    kf = k_pre.to(torch.float32)
+    blocks = torch.nn.functional.pad(kf, (0, 0, 0, 0, 0, pad)).view(nkb, block_size, h, d)
+    valid = torch.arange(nkb * block_size, device=k_pre.device).view(nkb, block_size) < L
+    valid = valid[:, :, None, None]
+    kmax = blocks.masked_fill(~valid, float("-inf")).amax(dim=1)
+    kmin = blocks.masked_fill(~valid, float("inf")).amin(dim=1)
+    counts = valid.sum(dim=1).to(torch.float32)
+    kavg = blocks.sum(dim=1) / counts
+    return torch.cat((kmax, kmin, kavg), dim=-1)
+
+
+def pool_q(q_pre: torch.Tensor, start: int, block_size: int) -> tuple[torch.Tensor, int]:
+    """Average pre-RoPE queries per absolute block, over the tokens present.
+
+    Args:
+        q_pre: ``[n, Hq, D]`` queries of positions ``start .. start + n - 1``.
+    Returns:
+        (``[nqb, Hq, D]`` fp32, ``qb0``) where ``qb0`` is the absolute index of the first block.
+    """
+    n, h, d = q_pre.shape
+    qb0 = start // block_size
+    offset = start - qb0 * block_size
+    nqb = -(-(offset + n) // block_size)
+    pad_back = nqb * block_size - offset - n
+    qf = torch.nn.functional.pad(q_pre.to(torch.float32), (0, 0, 0, 0, offset, pad_back))
+    pos = torch.arange(nqb * block_size, device=q_pre.device)
+    valid = ((pos >= offset) & (pos < offset + n)).view(nqb, block_size)
+    counts = valid.sum(dim=1).to(torch.float32)[:, None, None]
+    return qf.view(nqb, block_size, h, d).sum(dim=1) / counts, qb0
+
+
+def gate_probs(q_pooled: torch.Tensor, qb0: int, k_pooled: torch.Tensor, weight: torch.Tensor,
+               inv_freq: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Gate probabilities over causal key blocks.
+
+    Args:
+        q_pooled: ``[nqb, Hq, D]`` from :func:`pool_q`.
+        k_pooled: ``[nkb, Hkv, 3D]`` from :func:`pool_k`.
+        weight: ``[Hq, 3D, G]`` the layer's ``mask_linear_k`` weight (``x @ W`` layout).
+        inv_freq: ``[G // 2]`` RoPE inverse frequencies of the served model.
+    Returns:
+        ``[Hq, nqb, nkb]`` fp32; softmax over key blocks ``<= `` the query block (others are 0).
+    """
+    nqb, hq, _ = q_pooled.shape
+    nkb, hkv, _ = k_pooled.shape
+    g = weight.shape[-1]
+    k_rep = k_pooled.repeat_interleave(hq // hkv, dim=1)  # [nkb, Hq, 3D]
+    k_proj = torch.einsum("nhc,hcg->nhg", k_rep, weight.to(torch.float32))
+    dev = q_pooled.device
+    k_gate = rotate(k_proj, torch.arange(nkb, device=dev) * block_size, inv_freq)
+    q_gate = rotate(q_pooled, (qb0 + torch.arange(nqb, device=dev)) * block_size, inv_freq)
+    scores = torch.einsum("qhg,khg->hqk", q_gate, k_gate) / math.sqrt(g)
+    causal = _causal(qb0, nqb, nkb, dev)
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _causal(qb0: int, nqb: int, nkb: int, device: torch.device) -> torch.Tensor:
+    """``[nqb, nkb]`` bool: key block ``<=`` absolute query block."""
+    qb = qb0 + torch.arange(nqb, device=device)
+    return torch.arange(nkb, device=device)[None, :] <= qb[:, None]
+
+
+def select(probs: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
+    """Active-block mask from gate probabilities.
+
+    Args:
+        probs: ``[Hq, nqb, nkb]`` from :func:`gate_probs`.
+    Returns:
+        ``[Hq, nqb, nkb]`` bool, causal, diagonal always active.
+    """
+    _, nqb, nkb = probs.shape
+    dev = probs.device
+    causal = _causal(qb0, nqb, nkb, dev)
+    if sel.method == "threshold":
+        mask = probs > sel.threshold
+    else:
+        k = max(1, int((1.0 - math.sqrt(1.0 - sel.nz_ratio)) * nkb))
+        top = probs.topk(min(k, nkb), dim=-1).indices
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
+    qb = qb0 + torch.arange(nqb, device=dev)
+    diag = torch.arange(nkb, device=dev)[None, :] == qb[:, None]
+    mask = mask | diag
+    if sel.last_block_dense:
+        last_rows = qb >= (qb0 + nqb - 2)
+        mask = mask | last_rows[:, None]
+    return mask & causal
+
+
+def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tensor,
+              inv_freq: torch.Tensor, block_size: int, sel: Selection) -> tuple[torch.Tensor, int]:
+    """The whole gate for one request, from the post-RoPE tensors vLLM has.
+
+    Args:
+        q_post: ``[n, Hq, D]`` this step's queries (post-RoPE), positions ``L-n .. L-1``.
+        k_post_ctx: ``[L, Hkv, D]`` every key of the context (post-RoPE), positions ``0 .. L-1``.
+    Returns:
+        (``[Hq, nqb, nkb]`` bool mask, ``qb0``).
+    """
+    n, L = q_post.shape[0], k_post_ctx.shape[0]
+    dev = q_post.device
+    start = L - n
+    q_pre = rotate(q_post, torch.arange(start, L, device=dev), inv_freq, inverse=True)
+    k_pre = rotate(k_post_ctx, torch.arange(L, device=dev), inv_freq, inverse=True)
+    q_pooled, qb0 = pool_q(q_pre, start, block_size)
+    probs = gate_probs(q_pooled, qb0, pool_k(k_pre, block_size), weight, inv_freq, block_size)
+    return select(probs, qb0, sel), qb0
