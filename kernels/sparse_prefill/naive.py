@@ -4,15 +4,15 @@ Same signature as :func:`vllm_seer.kernels.sparse_prefill.triton.sparse_prefill_
 
 Layout conventions
 ------------------
-* ``k_cache`` / ``v_cache``: ``[num_pages, page_size, Hkv, D]`` *views* with arbitrary strides, so the
-  CPU backend's head-major cache and the CUDA token-major cache are both read in place.
+* ``k_cache`` / ``v_cache``: ``[num_pages, page_size, Hkv, D]`` *views* with arbitrary strides, so
+  the CPU backend's head-major cache and the CUDA token-major cache are both read in place.
 * Requests are packed: request ``b`` owns query rows ``cu_seqlens_q[b] : cu_seqlens_q[b+1]`` at
   absolute positions ``seq_lens[b] - n_b .. seq_lens[b] - 1``; its keys are positions
   ``0 .. seq_lens[b] - 1`` found through ``block_table[b]``.
 * Gate blocks are ``block_size`` tokens aligned to position 0. Local query block ``j`` of request
   ``b`` is absolute block ``(seq_lens[b] - n_b) // block_size + j``.
-* ``block_index[b, h, j, :block_count[b, h, j]]`` lists the active key blocks of (request, query head,
-  local query block); the rest is ``-1``. Causality inside the diagonal block is applied here.
+* ``block_index[b, h, j, :block_count[b, h, j]]`` lists the active key blocks of (request, query
+  head, local query block); the rest is ``-1``. Causality inside the diagonal block is applied here.
 """
 
 from __future__ import annotations
