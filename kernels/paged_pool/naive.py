@@ -1,0 +1,90 @@
+"""Plain-PyTorch gate pooling (reference): K from the paged cache, Q from this step's packed rows.
+
+Same signatures as :mod:`vllm_seer.kernels.paged_pool.triton`. Both undo RoPE per token (NeoX
+layout, angle ``position * inv_freq`` in fp32) before pooling, because max/min pooling does not
+commute with the rotation; ``inv_freq=None`` pools the values as they are (pre-RoPE cache).
+
+Output layouts (fp32, padded; entries past a request's blocks are left untouched):
+
+* K: ``out[b, kb, h, :] = [max | min | avg]`` over the real tokens of absolute block ``kb``
+  (positions ``kb*bs .. min(L, (kb+1)*bs) - 1``), ``[B, MKB, Hkv, 3D]``.
+* Q: ``out[b, j, h, :]`` = mean over the rows present of absolute block ``qb0 + j`` with
+  ``qb0 = (L - n) // bs``, ``[B, MQB, Hq, D]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm_seer.kernels.sparse_prefill.naive import gather_paged
+
+from vllm_seer.gate import pool_k, pool_q
+from vllm_seer.rope import rotate
+
+
+def _unrope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor | None
+            ) -> torch.Tensor:
+    if inv_freq is None:
+        return x.to(torch.float32)
+    return rotate(x, positions, inv_freq, inverse=True)
+
+
+def pool_k_paged_ref(
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    inv_freq: torch.Tensor | None,
+    out: torch.Tensor,
+    block_size: int = 64,
+) -> torch.Tensor:
+    """Pool every context key of every request per ``block_size`` block.
+
+    Args:
+        k_cache: ``[num_pages, page_size, Hkv, D]`` post-RoPE keys (any strides).
+        block_table: ``[B, max_pages]`` int32.
+        seq_lens: ``[B]`` int32 context + new tokens (all already written to the cache).
+        inv_freq: ``[D // 2]`` fp32 RoPE inverse frequencies, or ``None`` (no RoPE to undo).
+        out: ``[B, MKB, Hkv, 3D]`` fp32, ``MKB >= ceil(max(seq_lens) / block_size)``.
+        block_size: gate block size.
+    Returns:
+        ``out``.
+    """
+    for b, L in enumerate(seq_lens.tolist()):
+        if L == 0:
+            continue
+        k = gather_paged(k_cache, block_table[b], L)
+        k_pre = _unrope(k, torch.arange(L, device=k.device), inv_freq)
+        pooled = pool_k(k_pre, block_size)
+        out[b, :pooled.shape[0]] = pooled
+    return out
+
+
+def pool_q_varlen_ref(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    inv_freq: torch.Tensor | None,
+    out: torch.Tensor,
+    block_size: int = 64,
+) -> torch.Tensor:
+    """Average this step's query rows per absolute block (blocks cut by the chunk start included).
+
+    Args:
+        q: ``[T, Hq, D]`` post-RoPE query rows, request ``b`` at positions ``L_b - n_b .. L_b - 1``.
+        cu_seqlens_q: ``[B + 1]`` int32.
+        seq_lens: ``[B]`` int32.
+        inv_freq: ``[D // 2]`` fp32 or ``None``.
+        out: ``[B, MQB, Hq, D]`` fp32.
+        block_size: gate block size.
+    Returns:
+        ``out``.
+    """
+    cu = cu_seqlens_q.tolist()
+    for b, L in enumerate(seq_lens.tolist()):
+        n = cu[b + 1] - cu[b]
+        if n == 0:
+            continue
+        start = L - n
+        q_pre = _unrope(q[cu[b]:cu[b + 1]], torch.arange(start, L, device=q.device), inv_freq)
+        pooled, _ = pool_q(q_pre, start, block_size)
+        out[b, :pooled.shape[0]] = pooled
+    return out

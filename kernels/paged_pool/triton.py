@@ -1,0 +1,184 @@
+"""Triton gate pooling: K ``[max | min | avg]`` per block from the paged cache, Q ``avg`` per block.
+
+Same signatures and semantics as :mod:`vllm_seer.kernels.paged_pool.naive`. RoPE is undone per
+token from ``inv_freq`` (angle ``pos * inv_freq`` in fp32, accurate libdevice cos/sin on GPU), so
+the cache is read once and nothing but the pooled blocks is written: memory bound.
+
+Grids come from the output shapes (no host sync): K ``(MKB, B, Hkv)``, Q ``(MQB, B, Hq)``; programs
+past their request's blocks exit at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (2, 4, 8)]
+
+
+@triton.jit
+def _unrope(x1, x2, pos, f_ptr, offs, half_ok, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """Rotate ``[R, HALF]`` halves by ``-pos * inv_freq`` (NeoX)."""
+    if HAS_ROPE:
+        f = tl.load(f_ptr + offs, mask=half_ok, other=0.0)
+        ang = pos.to(tl.float32)[:, None] * f[None, :]
+        if LIBDEVICE:
+            c, s = libdevice.cos(ang), libdevice.sin(ang)
+        else:
+            c, s = tl.cos(ang), tl.sin(ang)
+        return x1 * c + x2 * s, x2 * c - x1 * s
+    return x1, x2
+
+
+@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None})
+@triton.autotune(configs=_configs(), key=["HALF", "PAGE_SIZE", "BLOCK"])
+@triton.jit(do_not_specialize=["MKB"])
+def _pool_k_kernel(
+    k_ptr, bt_ptr, lens_ptr, f_ptr, o_ptr,
+    MKB,
+    stride_kp, stride_kt, stride_kh, stride_kd,
+    stride_btb, stride_btp,
+    stride_ob, stride_on, stride_oh, stride_oc,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    # k: [P, PAGE_SIZE, HKV, 2*HALF]  out: [B, MKB, HKV, 6*HALF]
+    kb = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    seq_len = tl.load(lens_ptr + b).to(tl.int64)
+    if kb * BLOCK < seq_len:
+        pos = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+        ok = pos < seq_len
+        offs = tl.arange(0, BLOCK_HALF)
+        half_ok = offs < HALF
+        page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE_SIZE) * stride_btp,
+                       mask=ok, other=0).to(tl.int64)
+        base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
+        m2 = ok[:, None] & half_ok[None, :]
+        x1 = tl.load(base[:, None] + offs[None, :] * stride_kd, mask=m2, other=0.0)
+        x2 = tl.load(base[:, None] + (offs[None, :] + HALF) * stride_kd, mask=m2, other=0.0)
+        y1, y2 = _unrope(x1.to(tl.float32), x2.to(tl.float32), pos, f_ptr, offs, half_ok,
+                         HAS_ROPE, LIBDEVICE)
+        cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
+        o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
+        tl.store(o, tl.max(tl.where(m2, y1, float("-inf")), 0), mask=half_ok)
+        tl.store(o + HALF * stride_oc, tl.max(tl.where(m2, y2, float("-inf")), 0), mask=half_ok)
+        tl.store(o + 2 * HALF * stride_oc, tl.min(tl.where(m2, y1, float("inf")), 0), mask=half_ok)
+        tl.store(o + 3 * HALF * stride_oc, tl.min(tl.where(m2, y2, float("inf")), 0), mask=half_ok)
+        tl.store(o + 4 * HALF * stride_oc, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt, mask=half_ok)
+        tl.store(o + 5 * HALF * stride_oc, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt, mask=half_ok)
+
+
+@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None})
+@triton.autotune(configs=_configs(), key=["HALF", "BLOCK"])
+@triton.jit(do_not_specialize=["MQB"])
+def _pool_q_kernel(
+    q_ptr, cu_ptr, lens_ptr, f_ptr, o_ptr,
+    MQB,
+    stride_qt, stride_qh, stride_qd,
+    stride_ob, stride_on, stride_oh, stride_od,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    # q: [T, HQ, 2*HALF]  out: [B, MQB, HQ, 2*HALF]
+    j = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    q_lo = tl.load(cu_ptr + b).to(tl.int64)
+    n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
+    seq_len = tl.load(lens_ptr + b).to(tl.int64)
+    start = seq_len - n
+    qb0 = start // BLOCK
+    nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
+    if j < nqb:
+        pos = (qb0 + j) * BLOCK + tl.arange(0, BLOCK)
+        ok = (pos >= start) & (pos < seq_len)
+        offs = tl.arange(0, BLOCK_HALF)
+        half_ok = offs < HALF
+        m2 = ok[:, None] & half_ok[None, :]
+        base = q_ptr + (q_lo + pos - start) * stride_qt + h * stride_qh
+        x1 = tl.load(base[:, None] + offs[None, :] * stride_qd, mask=m2, other=0.0)
+        x2 = tl.load(base[:, None] + (offs[None, :] + HALF) * stride_qd, mask=m2, other=0.0)
+        y1, y2 = _unrope(x1.to(tl.float32), x2.to(tl.float32), pos, f_ptr, offs, half_ok,
+                         HAS_ROPE, LIBDEVICE)
+        cnt = tl.sum(ok.to(tl.float32), 0)
+        o = o_ptr + b * stride_ob + j * stride_on + h * stride_oh + offs * stride_od
+        tl.store(o, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt, mask=half_ok)
+        tl.store(o + HALF * stride_od, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt, mask=half_ok)
+
+
+def pool_k_paged(
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    inv_freq: torch.Tensor | None,
+    out: torch.Tensor,
+    block_size: int = 64,
+) -> torch.Tensor:
+    """Pool every context key per block: ``out [B, MKB, Hkv, 3D]`` fp32 ``[max | min | avg]``.
+
+    Args:
+        k_cache: ``[num_pages, page_size, Hkv, D]`` post-RoPE keys (any strides).
+        block_table: ``[B, max_pages]`` int32.
+        seq_lens: ``[B]`` int32 context + new tokens.
+        inv_freq: ``[D // 2]`` fp32 or ``None``.
+        out: ``[B, MKB, Hkv, 3D]`` fp32, ``MKB >= ceil(max(seq_lens) / block_size)``.
+        block_size: gate block size.
+    Returns:
+        ``out`` (entries past each request's blocks untouched).
+    """
+    _, page_size, hkv, d = k_cache.shape
+    bsz, mkb = out.shape[0], out.shape[1]
+    if bsz == 0 or mkb == 0:
+        return out
+    _pool_k_kernel[(mkb, bsz, hkv)](
+        k_cache, block_table, seq_lens, inv_freq, out, mkb,
+        *k_cache.stride(), *block_table.stride(), *out.stride(),
+        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), PAGE_SIZE=page_size,
+        BLOCK=block_size, LIBDEVICE=not INTERPRET,
+    )
+    return out
+
+
+def pool_q_varlen(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    inv_freq: torch.Tensor | None,
+    out: torch.Tensor,
+    block_size: int = 64,
+) -> torch.Tensor:
+    """Average this step's query rows per absolute block: ``out [B, MQB, Hq, D]`` fp32.
+
+    Args:
+        q: ``[T, Hq, D]`` post-RoPE rows; request ``b`` at positions ``L_b - n_b .. L_b - 1``.
+        cu_seqlens_q: ``[B + 1]`` int32.
+        seq_lens: ``[B]`` int32.
+        inv_freq: ``[D // 2]`` fp32 or ``None``.
+        out: ``[B, MQB, Hq, D]`` fp32; local block ``j`` is absolute block ``(L - n) // bs + j``.
+        block_size: gate block size.
+    Returns:
+        ``out``.
+    """
+    hq, d = q.shape[1], q.shape[2]
+    bsz, mqb = out.shape[0], out.shape[1]
+    if bsz == 0 or mqb == 0:
+        return out
+    _pool_q_kernel[(mqb, bsz, hq)](
+        q, cu_seqlens_q, seq_lens, inv_freq, out, mqb,
+        *q.stride(), *out.stride(),
+        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK=block_size,
+        LIBDEVICE=not INTERPRET,
+    )
+    return out
