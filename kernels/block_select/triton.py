@@ -1,0 +1,196 @@
+"""Triton gate scores and block selection (threshold or top-k) for a varlen batch.
+
+Same signature and semantics as :func:`vllm_seer.kernels.block_select.naive.block_select_ref`.
+
+Pipeline (no host sync, grids from tensor shapes):
+
+1. torch: per-query-head projection of the pooled keys as one batched matmul per KV group
+   (``[Hkv, B*MKB, 3D] @ [Hkv, 3D, group*G]``, fp32) — cuBLAS is faster than a Triton kernel here —
+   and RoPE of the gate vectors at block starts (``vllm_seer.rope.rotate``, fp32).
+2. ``_scores_kernel`` grid ``(cdiv(MQB, BM), B, Hq)``: ``q_gate @ k_gate^T / sqrt(G)`` over the
+   causal key blocks only, written to an fp32 workspace ``[B, Hq, MQB, MKB]`` (tf32x3 on GPU).
+3. ``_select_kernel`` grid ``(MQB, B, Hq)``: one row in registers; softmax + threshold, or top-k by
+   an exact 32-step radix select on the float bits (ties: lower block index first); diagonal,
+   ``last_block_dense`` rows and causality; compaction as one permutation store (selected blocks
+   ascending, then ``-1``) so every element of the row is written exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_seer.gate import Selection
+from vllm_seer.rope import rotate
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit(do_not_specialize=["MQB", "MKB"])
+def _scores_kernel(
+    q_ptr, k_ptr, s_ptr, cu_ptr, lens_ptr,
+    scale, MQB, MKB,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    HQ: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # q: [B, MQB, HQ, G]  k: [B, MKB', HQ, G] (rotated, last dim contiguous)
+    # s: [B, HQ, MQB, MKB]
+    j0 = tl.program_id(0) * BM
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    n = tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)
+    seq_len = tl.load(lens_ptr + b)
+    qb0 = (seq_len - n) // BLOCK
+    nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
+    nkb = (seq_len + BLOCK - 1) // BLOCK
+    if j0 < nqb:
+        offs_j = j0 + tl.arange(0, BM)
+        offs_g = tl.arange(0, G)
+        j_ok = offs_j < nqb
+        q = tl.load(q_ptr + b * stride_qb + offs_j[:, None].to(tl.int64) * stride_qn
+                    + h * stride_qh + offs_g[None, :], mask=j_ok[:, None], other=0.0)
+        qb = qb0 + offs_j  # absolute query block of each row
+        kb_end = tl.minimum(nkb, qb0 + j0 + BM)
+        s_row = s_ptr + ((b * HQ + h) * MQB + offs_j.to(tl.int64)) * MKB  # [BM]
+        for kb_start in range(0, kb_end, BN):
+            offs_k = kb_start + tl.arange(0, BN)
+            k_ok = offs_k < kb_end
+            k = tl.load(k_ptr + b * stride_kb + offs_k[None, :].to(tl.int64) * stride_kn
+                        + h * stride_kh + offs_g[:, None], mask=k_ok[None, :], other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * scale  # [BM, BN]
+            ok = k_ok[None, :] & (offs_k[None, :] <= qb[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            tl.store(s_row[:, None] + offs_k[None, :], s,
+                     mask=j_ok[:, None] & k_ok[None, :] & (offs_k[None, :] < MKB))
+
+
+@triton.jit(do_not_specialize=["MQB", "MKB"])
+def _select_kernel(
+    s_ptr, topk_ptr, idx_ptr, cnt_ptr, cu_ptr, lens_ptr,
+    threshold, MQB, MKB,
+    HQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOPK: tl.constexpr, LAST_DENSE: tl.constexpr,
+):
+    # s: [B, HQ, MQB, MKB] fp32 scores  topk: [B] int32  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
+    j = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    n = tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)
+    seq_len = tl.load(lens_ptr + b)
+    qb0 = (seq_len - n) // BLOCK
+    nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
+    qb = qb0 + j
+    row = (b * HQ + h) * MQB + j
+    kb = tl.arange(0, BLOCK_K)
+    # causal (implies kb < nkb); rows past the request's query blocks select nothing
+    causal = (kb <= tl.where(j < nqb, qb, -1)) & (kb < MKB)
+    s = tl.load(s_ptr + row * MKB + kb, mask=causal, other=float("-inf"))
+    if TOPK:
+        k = tl.load(topk_ptr + b)
+        # order-preserving integer key of the fp32 score, shifted into [0, 2^32)
+        bits = s.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+        kth = tl.zeros([], dtype=tl.int64)
+        for bit in range(31, -1, -1):
+            cand = kth | (tl.full([], 1, tl.int64) << bit)
+            kth = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= k, cand, kth)
+        above = key > kth
+        tied = key == kth
+        room = k - tl.sum(above.to(tl.int32), 0)
+        chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= room))
+    else:
+        m = tl.maximum(tl.max(s, 0), -1.0e30)  # finite even for an empty row
+        e = tl.where(causal, tl.exp(s - m), 0.0)
+        chosen = e / tl.maximum(tl.sum(e, 0), 1.0e-30) > threshold
+    chosen = chosen | (kb == qb)
+    if LAST_DENSE:
+        chosen = chosen | (j >= nqb - 2)
+    chosen = chosen & causal
+    c32 = chosen.to(tl.int32)
+    rank = tl.cumsum(c32, 0)  # inclusive
+    count = tl.sum(c32, 0)
+    slot = tl.where(chosen, rank - 1, count + kb - rank)  # a permutation of 0..BLOCK_K-1
+    tl.store(idx_ptr + row * MKB + slot, tl.where(chosen, kb, -1), mask=slot < MKB)
+    tl.store(cnt_ptr + row, count)
+
+
+def block_select(
+    q_pooled: torch.Tensor,
+    k_pooled: torch.Tensor,
+    weight: torch.Tensor,
+    inv_freq: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sel: Selection,
+    block_index: torch.Tensor,
+    block_count: torch.Tensor,
+    block_size: int = 64,
+    workspace: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the active key blocks of every (request, query head, local query block).
+
+    Args:
+        q_pooled: ``[B, MQB, Hq, G]`` fp32 pre-RoPE query block means (``paged_pool``).
+        k_pooled: ``[B, MKB', Hkv, 3D]`` fp32 ``[max | min | avg]`` key blocks (``paged_pool``).
+        weight: ``[Hq, 3D, G]`` the layer's ``mask_linear_k`` weight.
+        inv_freq: ``[G // 2]`` fp32 RoPE inverse frequencies (gate RoPE at block starts).
+        cu_seqlens_q: ``[B + 1]`` int32.
+        seq_lens: ``[B]`` int32.
+        sel: threshold / nz_ratio selection and ``last_block_dense``.
+        block_index: ``[B, Hq, MQB, MKB]`` int32 out (contiguous), ascending, ``-1`` padded.
+        block_count: ``[B, Hq, MQB]`` int32 out (contiguous), 0 past a request's query blocks.
+        block_size: gate block size.
+        workspace: optional fp32 buffer of at least ``B * Hq * MQB * MKB`` scores (allocated
+            here when ``None``; pass a persistent one to keep allocation off the hot path).
+    Returns:
+        ``(block_index, block_count)``.
+    """
+    bsz, mqb, hq, g = q_pooled.shape
+    _, mkbp, hkv, c3 = k_pooled.shape
+    mkb = block_index.shape[3]
+    if bsz == 0 or mqb == 0:
+        return block_index, block_count
+    group = hq // hkv
+    dev = q_pooled.device
+    # 1. projection per query head, batched per KV group: [Hkv, B*MKB', 3D] @ [Hkv, 3D, group*G]
+    kp = k_pooled.reshape(bsz * mkbp, hkv, c3).transpose(0, 1).to(torch.float32)
+    w = weight.to(torch.float32).view(hkv, group, c3, g).permute(0, 2, 1, 3).reshape(hkv, c3, -1)
+    k_proj = torch.matmul(kp, w).view(hkv, bsz, mkbp, group, g).permute(1, 2, 0, 3, 4)
+    k_proj = k_proj.reshape(bsz * mkbp, hq, g)
+    k_pos = torch.arange(mkbp, device=dev).repeat(bsz) * block_size
+    k_gate = rotate(k_proj, k_pos, inv_freq).view(bsz, mkbp, hq, g)
+    n = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    qb0 = (seq_lens.long() - n) // block_size
+    q_pos = (qb0[:, None] + torch.arange(mqb, device=dev)[None, :]) * block_size
+    q_gate = rotate(q_pooled.reshape(bsz * mqb, hq, g), q_pos.reshape(-1), inv_freq)
+    q_gate = q_gate.view(bsz, mqb, hq, g)
+    # 2. causal scores into the workspace
+    if workspace is None:
+        workspace = torch.empty(bsz * hq * mqb * mkb, dtype=torch.float32, device=dev)
+    bm, bn = (16, 64) if INTERPRET else (64, 64)
+    _scores_kernel[(triton.cdiv(mqb, bm), bsz, hq)](
+        q_gate, k_gate, workspace, cu_seqlens_q, seq_lens,
+        1.0 / math.sqrt(g), mqb, mkb,
+        *q_gate.stride()[:3], *k_gate.stride()[:3],
+        HQ=hq, G=g, BLOCK=block_size, BM=bm, BN=bn,
+        PRECISION="ieee" if INTERPRET else "tf32x3", num_warps=4,
+    )
+    # 3. per-row selection
+    topk = sel.method == "nz_ratio"
+    frac = 1.0 - math.sqrt(1.0 - sel.nz_ratio) if topk else 0.0
+    nkb = (seq_lens.long() + block_size - 1) // block_size
+    k_per_req = torch.clamp((frac * nkb.to(torch.float64)).floor(), min=1).to(torch.int32)
+    block_kk = triton.next_power_of_2(mkb)
+    _select_kernel[(mqb, bsz, hq)](
+        workspace, k_per_req, block_index, block_count, cu_seqlens_q, seq_lens,
+        float(sel.threshold), mqb, mkb,
+        HQ=hq, BLOCK=block_size, BLOCK_K=block_kk, TOPK=topk, LAST_DENSE=sel.last_block_dense,
+        num_warps=4 if block_kk <= 1024 else 8,
+    )
+    return block_index, block_count

@@ -1,0 +1,99 @@
+"""Gate scores + selection kernel vs the reference (selections compared as sets)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _paged import DEVICE
+from vllm_seer.kernels.block_select import block_select_ref
+
+from vllm_seer.gate import Selection, gate_probs
+from vllm_seer.rope import RopeSpec
+
+# (seq_lens, n_new, Hq, Hkv, D, selection)
+TOPK = Selection("nz_ratio", 0.0, 0.3, True)
+CPU_CASES = {
+    "topk-ragged-gqa4": ([700, 130, 64], [300, 130, 1], 4, 1, 64, TOPK),
+    "topk-no-last-dense-gqa3": ([1000, 260], [1000, 7], 3, 1, 64,
+                                Selection("nz_ratio", 0.0, 0.1, False)),
+    "threshold-mha-empty-req": ([640, 90, 200], [640, 0, 150], 2, 2, 64,
+                                Selection("threshold", 2e-2, 0.0, True)),
+    "threshold-d128": ([500], [200], 2, 1, 128, Selection("threshold", 5e-3, 0.0, False)),
+}
+GPU_CASES = {
+    "llama-32k-topk0.1": ([32768], [32768], 32, 8, 128, Selection("nz_ratio", 0.0, 0.1, True)),
+    "llama-chunk-threshold": ([20000, 3000], [4096, 3000], 32, 8, 128,
+                              Selection("threshold", 5e-4, 0.0, True)),
+    "smollm-ragged-topk0.5": ([8192, 777, 64], [2048, 300, 1], 9, 3, 64,
+                              Selection("nz_ratio", 0.0, 0.5, True)),
+}
+
+
+def _inputs(lens: list[int], n_new: list[int], hq: int, hkv: int, d: int, bs: int = 64):
+    mkb = max(-(-L // bs) for L in lens)
+    mqb = max(((L - 1) // bs - (L - n) // bs + 1) if n else 0 for L, n in zip(lens, n_new,
+                                                                             strict=True))
+    q_pooled = torch.randn(len(lens), mqb, hq, d, device=DEVICE)
+    k_pooled = torch.randn(len(lens), mkb + 1, hkv, 3 * d, device=DEVICE)
+    weight = torch.randn(hq, 3 * d, d, device=DEVICE) * (2.0 / math.sqrt(3 * d))
+    cu = torch.tensor([0] + n_new, device=DEVICE).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    inv = RopeSpec(d, 10000.0).inv_freq().to(DEVICE)
+    return q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb
+
+
+def _as_masks(index: torch.Tensor, count: torch.Tensor, mkb: int) -> torch.Tensor:
+    slot = torch.arange(index.shape[-1], device=index.device)
+    live = slot < count[..., None]
+    assert (index[~live] == -1).all(), "padding must be -1"
+    ids = torch.where(live, index.long(), mkb)
+    m = torch.zeros(*index.shape[:-1], mkb + 1, dtype=torch.bool, device=index.device)
+    return m.scatter_(-1, ids, True)[..., :mkb]
+
+
+def _run(case: tuple) -> None:
+    from vllm_seer.kernels.block_select import block_select
+
+    lens, n_new, hq, hkv, d, sel = case
+    q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
+    shape = (len(lens), hq, mqb, mkb)
+    outs = []
+    for fn in (block_select_ref, block_select):
+        index = torch.full(shape, -7, dtype=torch.int32, device=DEVICE)
+        count = torch.full(shape[:3], -7, dtype=torch.int32, device=DEVICE)
+        fn(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count)
+        assert (count >= 0).all() and (index >= -1).all(), "every element must be written"
+        sorted_ok = (index[..., 1:] > index[..., :-1]) | (index[..., 1:] == -1)
+        assert sorted_ok.all(), "lists must be ascending"
+        outs.append((_as_masks(index, count, mkb), count))
+    (m_ref, c_ref), (m_got, c_got) = outs
+    if sel.method == "nz_ratio":
+        torch.testing.assert_close(c_got, c_ref)
+    for b, (L, n) in enumerate(zip(lens, n_new, strict=True)):
+        if n == 0:
+            assert (c_got[b] == 0).all()
+            continue
+        qb0, nkb = (L - n) // 64, -(-L // 64)
+        nqb = (L - 1) // 64 - qb0 + 1
+        probs = gate_probs(q_pooled[b, :nqb], qb0, k_pooled[b, :nkb], weight, inv, 64)
+        diff = m_ref[b, :, :nqb, :nkb] ^ m_got[b, :, :nqb, :nkb]
+        if sel.method == "threshold":  # flips only where the probability sits on the threshold
+            assert (probs[diff] - sel.threshold).abs().le(1e-5).all()
+        else:  # same number of blocks, same selected probabilities (ties resolved by score)
+            p_ref = torch.where(m_ref[b, :, :nqb, :nkb], probs, 0).sort(-1).values
+            p_got = torch.where(m_got[b, :, :nqb, :nkb], probs, 0).sort(-1).values
+            torch.testing.assert_close(p_got, p_ref, rtol=1e-4, atol=1e-6)
+        assert (c_got[b, :, nqb:] == 0).all()
+
+
+@pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
+def test_block_select_matches_reference(case: tuple) -> None:
+    _run(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
+def test_block_select_gpu(case: tuple) -> None:
+    _run(case)
