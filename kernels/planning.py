@@ -1,0 +1,113 @@
+"""Host-side planning for the Seer prefill kernels, once per batch (vLLM metadata builder).
+
+The per-layer path (:func:`seer_prefill`) only launches kernels: grid sizes come from the shapes of
+the buffers planned here, nothing calls ``.item()`` and nothing is allocated.
+
+Example::
+
+    plan = plan_batch(query_start_loc_cpu, seq_lens_cpu)           # build(): host ints
+    bufs = SeerBuffers.allocate(plan, hq=32, hkv=8, head_dim=128, device="cuda")
+    for layer in layers:                                           # forward(): launches only
+        seer_prefill(q, k_cache, v_cache, block_table, cu_q, seq_lens, layer.gate_weight,
+                     inv_freq, sel, bufs, out, scale)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_seer.gate import Selection
+
+
+@dataclass(frozen=True)
+class SeerPlan:
+    """Batch geometry in gate blocks.
+
+    Attributes:
+        num_reqs: requests in the batch (``B``).
+        max_qblocks: most local query blocks of a request (``MQB``; 0 if no request has rows).
+        max_kblocks: most key blocks of a request's context (``MKB``).
+        block_size: gate block size.
+    """
+
+    num_reqs: int
+    max_qblocks: int
+    max_kblocks: int
+    block_size: int = 64
+
+
+def plan_batch(cu_seqlens_q: torch.Tensor | list[int], seq_lens: torch.Tensor | list[int],
+               block_size: int = 64) -> SeerPlan:
+    """Plan a batch from host copies of ``query_start_loc`` ``[B + 1]`` and ``seq_lens`` ``[B]``."""
+    cu = cu_seqlens_q.tolist() if isinstance(cu_seqlens_q, torch.Tensor) else list(cu_seqlens_q)
+    lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens)
+    if len(cu) != len(lens) + 1:
+        raise ValueError(f"cu_seqlens_q has {len(cu)} entries for {len(lens)} requests")
+    mqb = mkb = 0
+    for b, L in enumerate(lens):
+        n = cu[b + 1] - cu[b]
+        if n < 0 or n > L:
+            raise ValueError(f"request {b}: {n} query rows for seq_len {L}")
+        if n:
+            mqb = max(mqb, (L - 1) // block_size - (L - n) // block_size + 1)
+        mkb = max(mkb, -(-L // block_size))
+    return SeerPlan(len(lens), mqb, mkb, block_size)
+
+
+@dataclass
+class SeerBuffers:
+    """Persistent per-batch buffers shared by all layers (sized from a :class:`SeerPlan`)."""
+
+    plan: SeerPlan
+    q_pooled: torch.Tensor  # [B, MQB, Hq, D] fp32
+    k_pooled: torch.Tensor  # [B, MKB, Hkv, 3D] fp32
+    block_index: torch.Tensor  # [B, Hq, MQB, MKB] int32
+    block_count: torch.Tensor  # [B, Hq, MQB] int32
+    scores: torch.Tensor  # [B * Hq * MQB * MKB] fp32 workspace of block_select
+
+    @classmethod
+    def allocate(cls, plan: SeerPlan, hq: int, hkv: int, head_dim: int,
+                 device: torch.device | str) -> SeerBuffers:
+        b, mqb, mkb = plan.num_reqs, plan.max_qblocks, plan.max_kblocks
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            plan,
+            torch.empty(b, mqb, hq, head_dim, **f32),
+            torch.empty(b, mkb, hkv, 3 * head_dim, **f32),
+            torch.empty(b, hq, mqb, mkb, dtype=torch.int32, device=device),
+            torch.empty(b, hq, mqb, dtype=torch.int32, device=device),
+            torch.empty(b * hq * mqb * mkb, **f32),
+        )
+
+
+def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+              cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, weight: torch.Tensor,
+              inv_freq: torch.Tensor, sel: Selection, bufs: SeerBuffers) -> None:
+    """Pool (RoPE undone), score and select: fills ``bufs.block_index`` / ``bufs.block_count``.
+
+    Args:
+        q: ``[T, Hq, D]`` post-RoPE rows; k_cache ``[P, page, Hkv, D]``; weight ``[Hq, 3D, G]``.
+    """
+    from vllm_seer.kernels.block_select.triton import block_select
+    from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
+
+    bs = bufs.plan.block_size
+    pool_k_paged(k_cache, block_table, seq_lens, inv_freq, bufs.k_pooled, bs)
+    pool_q_varlen(q, cu_seqlens_q, seq_lens, inv_freq, bufs.q_pooled, bs)
+    block_select(bufs.q_pooled, bufs.k_pooled, weight, inv_freq, cu_seqlens_q, seq_lens, sel,
+                 bufs.block_index, bufs.block_count, bs, bufs.scores)
+
+
+def seer_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                 weight: torch.Tensor, inv_freq: torch.Tensor, sel: Selection,
+                 bufs: SeerBuffers, out: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gate + block-sparse prefill attention of one layer; writes and returns ``out [T, Hq, D]``."""
+    from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
+
+    seer_gate(q, k_cache, block_table, cu_seqlens_q, seq_lens, weight, inv_freq, sel, bufs)
+    return sparse_prefill_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
+                                bufs.block_index, bufs.block_count, out, scale,
+                                bufs.plan.block_size)

@@ -1,0 +1,55 @@
+"""Planner + the whole Triton pipeline vs the torch gate (``vllm_seer.gate``) and the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _paged import DEVICE, make_batch
+from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_prefill
+from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
+
+from vllm_seer.gate import Selection, gate_mask
+from vllm_seer.rope import RopeSpec, rotate
+
+
+def test_plan_batch_geometry() -> None:
+    plan = plan_batch([0, 40, 40, 41], [150, 64, 128])
+    # request 0: positions 110..149 -> blocks 1..2; request 1: no rows; request 2: position 127
+    assert (plan.num_reqs, plan.max_qblocks, plan.max_kblocks) == (3, 2, 3)
+    with pytest.raises(ValueError):
+        plan_batch([0, 10], [5])
+
+
+def test_pipeline_matches_torch_gate() -> None:
+    lens, n_new, hq, hkv, d, page = [300, 64, 130], [120, 64, 1], 4, 2, 64, 32
+    batch = make_batch(lens, n_new, hq, hkv, d, page, torch.float16, "head", DEVICE)
+    inv = RopeSpec(d, 10000.0).inv_freq().to(DEVICE)
+    # the cache holds post-RoPE keys: rotate the random "pre-RoPE" keys in place
+    for b, L in enumerate(lens):
+        post = rotate(batch.keys[b], torch.arange(L, device=DEVICE), inv).to(torch.float16)
+        pages = batch.block_table[b, :-(-L // page)].long()
+        flat = torch.zeros(len(pages) * page, hkv, d, dtype=torch.float16, device=DEVICE)
+        flat[:L] = post
+        batch.k_cache[pages] = flat.view(len(pages), page, hkv, d)
+        batch.keys[b] = post
+    weight = torch.randn(hq, 3 * d, d, device=DEVICE) * (2.0 / math.sqrt(3 * d))
+    sel = Selection("threshold", 1e-2, 0.0, True)
+    plan = plan_batch(batch.cu_seqlens_q.cpu(), batch.seq_lens.cpu())
+    bufs = SeerBuffers.allocate(plan, hq, hkv, d, DEVICE)
+    out = torch.full_like(batch.q, float("nan"))
+    seer_prefill(batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu_seqlens_q,
+                 batch.seq_lens, weight, inv, sel, bufs, out, 0.125)
+    cu = batch.cu_seqlens_q.tolist()
+    masks = []
+    for b in range(len(lens)):
+        m, _ = gate_mask(batch.q[cu[b]:cu[b + 1]], batch.keys[b], weight, inv, 64, sel)
+        masks.append(m)
+    index, count = masks_to_block_lists(masks, plan.max_kblocks)
+    assert torch.equal(bufs.block_count, count)
+    assert torch.equal(bufs.block_index, index)
+    ref = sparse_prefill_paged_ref(batch.q, batch.k_cache, batch.v_cache, batch.block_table,
+                                   batch.cu_seqlens_q, batch.seq_lens, index, count,
+                                   torch.full_like(batch.q, float("nan")), 0.125)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
