@@ -1,0 +1,224 @@
+"""Seer prefill kernels vs dense and block-sparse baselines on one GPU (writes a markdown table).
+
+Shapes: Llama-3.1-8B attention (32 q / 8 kv heads, d=128) and SmolLM2 (9 / 3, d=64); one request
+of 8k / 32k / 128k tokens prefilled at once over a paged KV cache (page size 16, shuffled pages);
+top-k densities 1.0 / 0.5 / 0.3 / 0.1 / 0.05.
+
+Timed (``triton.testing.do_bench``, bf16):
+* Seer = gate (paged K pooling + Q pooling + scores/top-k) + block-sparse attention;
+* attention alone, fed the same block lists; the gate alone;
+* cuDNN SDPA causal and SDPA flash (FlashAttention-2) on contiguous dense tensors;
+* FlexAttention (torch.compile) with the same 64x64 block mask (off-diagonal blocks full,
+  diagonal blocks causal), on contiguous tensors;
+* vLLM baselines when ``import vllm`` works (skipped otherwise).
+
+Usage: ``python benchmarks/bench_kernels.py --out benchmarks/results/kernels-h100.md``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
+from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
+
+from vllm_seer.gate import Selection
+from vllm_seer.rope import RopeSpec
+
+MODELS = {"llama3.1-8b": (32, 8, 128, 500000.0), "smollm2": (9, 3, 64, 100000.0)}
+DENSITIES = (1.0, 0.5, 0.3, 0.1, 0.05)
+PAGE = 16
+BS = 64
+
+
+def _paged(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, H, D]`` -> (``[P, page, H, D]`` cache with shuffled pages, ``[1, P]`` block table)."""
+    L, h, d = k.shape
+    n = -(-L // page)
+    perm = torch.randperm(n, device=k.device)
+    cache = torch.zeros(n, page, h, d, dtype=k.dtype, device=k.device)
+    flat = torch.zeros(n * page, h, d, dtype=k.dtype, device=k.device)
+    flat[:L] = k
+    cache[perm] = flat.view(n, page, h, d)
+    return cache, perm.to(torch.int32)[None, :]
+
+
+def _bench(fn, rep: int) -> float:
+    return do_bench(fn, warmup=max(1, rep // 8), rep=rep)
+
+
+def _flex_mask(index: torch.Tensor, count: torch.Tensor, L: int):
+    """BlockMask from Seer block lists: diagonal blocks partial (causal), the rest full."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    qb = torch.arange(index.shape[2], device=index.device)[None, None, :, None]
+    live = torch.arange(index.shape[3], device=index.device) < count[..., None]
+    full = live & (index != qb)
+    key = torch.where(full, index, index.shape[3] + 1)
+    full_idx = key.sort(-1).values.clamp(max=index.shape[3] - 1).to(torch.int32)
+    full_cnt = full.sum(-1).to(torch.int32)
+    diag_idx = qb.expand(*index.shape[:3], 1).to(torch.int32).contiguous()
+    diag_cnt = torch.ones_like(full_cnt)
+
+    def causal(b, h, q, k):
+        return q >= k
+
+    return BlockMask.from_kv_blocks(diag_cnt, diag_idx, full_cnt, full_idx,
+                                    BLOCK_SIZE=(BS, BS), mask_mod=causal, seq_lengths=(L, L))
+
+
+def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: list[dict],
+             flex) -> None:
+    hq, hkv, d, theta = MODELS[model]
+    dev = "cuda"
+    dt = torch.bfloat16
+    q = torch.randn(L, hq, d, dtype=dt, device=dev)
+    k = torch.randn(L, hkv, d, dtype=dt, device=dev)
+    v = torch.randn(L, hkv, d, dtype=dt, device=dev)
+    k_cache, bt = _paged(k, PAGE)
+    # V pages at the same block-table slots as K
+    n_pages = bt.shape[1]
+    flat_v = torch.zeros(n_pages * PAGE, hkv, d, dtype=dt, device=dev)
+    flat_v[:L] = v
+    v_cache = torch.zeros_like(k_cache)
+    v_cache[bt[0].long()] = flat_v.view(n_pages, PAGE, hkv, d)
+    cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
+    lens = torch.tensor([L], dtype=torch.int32, device=dev)
+    inv = RopeSpec(d, theta).inv_freq().to(dev)
+    weight = (torch.randn(hq, 3 * d, d, device=dev) / math.sqrt(3 * d)).to(dt)
+    plan = plan_batch([0, L], [L])
+    bufs = SeerBuffers.allocate(plan, hq, hkv, d, dev)
+    out = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(d)
+    flops_dense = 4.0 * hq * d * L * (L + 1) / 2
+
+    # dense baselines on contiguous [1, Hq, L, D]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt = q.transpose(0, 1)[None]
+    kt = k.transpose(0, 1)[None].repeat_interleave(hq // hkv, 1)
+    vt = v.transpose(0, 1)[None].repeat_interleave(hq // hkv, 1)
+    base = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: B023
+                    qt, kt, vt, is_causal=True)
+                base[name] = _bench(fn, rep)
+        except RuntimeError as e:
+            base[name] = float("nan")
+            print(f"{model} {L}: {name} failed: {e}")
+    kt_g, vt_g = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    for dens in densities:
+        sel = Selection("nz_ratio", 0.0, dens, True)
+        seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)
+        gate = lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)  # noqa: E731,B023
+        t_gate = _bench(gate, rep)
+        attn = lambda: sparse_prefill_paged(q, k_cache, v_cache, bt, cu, lens,  # noqa: E731
+                                            bufs.block_index, bufs.block_count, out, scale)
+        t_attn = _bench(attn, rep)
+
+        def full():
+            seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)  # noqa: B023
+            attn()  # noqa: B023
+
+        t_full = _bench(full, rep)
+        cnt = bufs.block_count.double()
+        nqb = cnt.shape[-1]
+        blocks = cnt.sum().item()
+        causal_blocks = hq * nqb * (nqb + 1) / 2
+        density = blocks / causal_blocks
+        # group-union density: blocks a (request, kv head, query block) program would iterate
+        mask = torch.zeros(hq, nqb, plan.max_kblocks + 1, dtype=torch.bool, device=dev)
+        idx = bufs.block_index[0].long().clamp(min=0)
+        live = torch.arange(idx.shape[-1], device=dev) < bufs.block_count[0, ..., None]
+        mask.scatter_(-1, torch.where(live, idx, plan.max_kblocks), True)
+        union = mask[..., :-1].view(hkv, hq // hkv, nqb, -1).any(1).sum().item()
+        union_density = union * (hq // hkv) / causal_blocks
+        t_flex = float("nan")
+        if flex is not None:
+            try:
+                bm = _flex_mask(bufs.block_index, bufs.block_count, L)
+                fx = lambda: flex(qt, kt_g, vt_g, block_mask=bm, scale=scale,  # noqa: E731,B023
+                                  enable_gqa=True, kernel_options={"BLOCK_M": BS, "BLOCK_N": BS})
+                t_flex = _bench(fx, rep)
+            except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+                print(f"{model} {L} {dens}: flex failed: {type(e).__name__}: {e}"[:300])
+        rows.append(dict(model=model, L=L, target=dens, density=density, union=union_density,
+                         full=t_full, attn=t_attn, gate=t_gate, cudnn=base["cudnn"],
+                         flash=base["flash"], flex=t_flex, flops=flops_dense,
+                         flops_comp=4.0 * d * BS * BS * blocks))
+        print(rows[-1], flush=True)
+
+
+def _fmt(rows: list[dict], meta: str) -> str:
+    head = ("| model | seq | target | density | group-union density | Seer ms (gate incl.) | "
+            "attn ms | gate ms | gate share | cuDNN ms | flash ms | flex ms | x cuDNN | x flash | "
+            "x flex | x cuDNN attn-only | TFLOP/s dense-eq | TFLOP/s computed |")
+    sep = "|" + "---|" * (head.count("|") - 1)
+    lines = [meta, "", head, sep]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['L'] // 1024}k | {r['target']} | {r['density']:.3f} | "
+            f"{r['union']:.3f} | {r['full']:.3f} | {r['attn']:.3f} | {r['gate']:.3f} | "
+            f"{100 * r['gate'] / r['full']:.1f}% | {r['cudnn']:.3f} | {r['flash']:.3f} | "
+            f"{r['flex']:.3f} | {r['cudnn'] / r['full']:.2f} | {r['flash'] / r['full']:.2f} | "
+            f"{r['flex'] / r['full']:.2f} | {r['cudnn'] / r['attn']:.2f} | "
+            f"{r['flops'] / r['full'] * 1e-9:.0f} | {r['flops_comp'] / r['attn'] * 1e-9:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/kernels-h100.md")
+    ap.add_argument("--seqs", default="8192,32768,131072")
+    ap.add_argument("--models", default="llama3.1-8b,smollm2")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) below 128k")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception as e:  # noqa: BLE001
+        print(f"FlexAttention unavailable: {e}")
+        flex = None
+    try:
+        import vllm  # noqa: F401
+
+        vllm_note = "vLLM importable (its baselines are not wired in this script yet)"
+    except ImportError:
+        vllm_note = "vLLM not importable on this host: vLLM FA3 / Triton-unified baselines skipped"
+    rows: list[dict] = []
+    t0 = time.time()
+    for model in args.models.split(","):
+        for L in (int(s) for s in args.seqs.split(",")):
+            dens = DENSITIES if L < 131072 else (1.0, 0.3, 0.1, 0.05)
+            try:
+                run_case(model, L, args.rep if L < 131072 else 400, dens, rows, flex)
+            except Exception as e:  # noqa: BLE001 - keep the other shapes
+                print(f"{model} {L}: failed: {type(e).__name__}: {e}"[:500], flush=True)
+                torch.cuda.empty_cache()
+    meta = (f"# Seer kernels benchmark\n\nDate: 2026-11-22. Device: "
+            f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
+            f"{triton.__version__}; python {platform.python_version()}. Paged KV cache page size "
+            f"{PAGE}, gate block {BS}, bf16, one request prefilled at once, top-k selection "
+            f"(last two query-block rows dense, diagonal forced). {vllm_note}. Benchmark wall "
+            f"time {time.time() - t0:.0f} s. Generated {datetime.date.today()} by "
+            f"`benchmarks/bench_kernels.py`.")
+    text = _fmt(rows, meta)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
