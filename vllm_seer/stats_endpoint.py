@@ -1,10 +1,11 @@
 """``GET /v1/seer/stats``: this server's Seer metrics as JSON, as a vLLM endpoint plugin.
 
 vLLM (0.32 CPU build and 0.33) loads entry points of the group ``vllm.endpoint_plugins`` only when
-they are named in ``VLLM_PLUGINS``; that variable is also the allow-list of general plugins, so
-enable it with ``VLLM_PLUGINS=seer,seer_stats``. The route reads the registry that ``/metrics``
-serves (the multiprocess registry when ``PROMETHEUS_MULTIPROC_DIR`` is set, otherwise the default
-one where the Seer collector is registered); it never calls into the engine.
+they are named in ``VLLM_PLUGINS``; that variable is also the allow-list of the general and
+platform plugins, so enable it with ``VLLM_PLUGINS=seer,seer_cpu,seer_stats``. The route reads
+the registry that ``/metrics`` serves (the multiprocess registry when ``PROMETHEUS_MULTIPROC_DIR``
+is set, otherwise the default one where the Seer collector is registered); it never calls into the
+engine.
 """
 
 from __future__ import annotations

@@ -1,0 +1,181 @@
+"""Prefill routing and the sparse path, shared by the CPU and CUDA backends.
+
+The metadata builder splits each batch into requests that take the Seer path (prefill rows whose
+context is at least ``min_prefill_tokens``) and the rest (decodes, short prefills), which go to the
+inherited dense backend on their own slice of the batch: no row is computed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm_seer.checkpoint import GateCheckpoint, load_gates
+from vllm_seer.config import SeerConfig
+from vllm_seer.gate import gate_mask
+from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
+from vllm_seer.metrics import WorkerStats
+from vllm_seer.rope import RopeSpec
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+)
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class SparsePlan:
+    """The requests of one batch that take the Seer path (host-side plan, built once per step).
+
+    Attributes:
+        req_ids: ``[R]`` indices of the requests in the batch.
+        token_rows: ``[T_sparse]`` long, their query rows in the batch (in request order).
+        cu_seqlens_q: ``[R + 1]`` int32 offsets into ``token_rows``.
+        seq_lens: ``[R]`` int32 context + new tokens.
+        block_table: ``[R, max_pages]`` int32.
+        query_lens / context_lens: host lists.
+        possible: per request, causal blocks a dense computation would touch (all local q heads).
+    """
+
+    req_ids: list[int]
+    token_rows: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+    possible: list[int]
+
+
+def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor,
+                min_prefill_tokens: int, block_size: int, num_heads: int,
+                causal: bool) -> tuple[SparsePlan | None, list[int]]:
+    """Pick the Seer requests of a batch.
+
+    Returns:
+        (plan or ``None``, dense request indices).
+    """
+    sparse, dense = [], []
+    for i, L in enumerate(seq_lens):
+        n = query_start_loc[i + 1] - query_start_loc[i]
+        (sparse if causal and n > 1 and L >= min_prefill_tokens else dense).append(i)
+    if not sparse:
+        return None, dense
+    dev = block_table.device
+    rows = [torch.arange(query_start_loc[i], query_start_loc[i + 1]) for i in sparse]
+    qlens = [query_start_loc[i + 1] - query_start_loc[i] for i in sparse]
+    ctx = [seq_lens[i] - n for i, n in zip(sparse, qlens, strict=True)]
+    possible = []
+    for n, c in zip(qlens, ctx, strict=True):
+        qb0, qb1 = c // block_size, (c + n - 1) // block_size
+        possible.append(num_heads * sum(qb + 1 for qb in range(qb0, qb1 + 1)))
+    cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    plan = SparsePlan(
+        req_ids=sparse,
+        token_rows=torch.cat(rows).to(dev),
+        cu_seqlens_q=cu.to(dev),
+        seq_lens=torch.tensor([seq_lens[i] for i in sparse], dtype=torch.int32, device=dev),
+        block_table=block_table[torch.tensor(sparse, device=dev)],
+        query_lens=qlens,
+        context_lens=ctx,
+        possible=possible,
+    )
+    return plan, dense
+
+
+def layer_index(layer_name: str) -> int:
+    """``model.layers.7.self_attn.attn`` → 7."""
+    m = _LAYER_RE.search(layer_name)
+    if m is None:
+        raise ValueError(f"Seer backend: cannot find a layer index in layer name {layer_name!r}")
+    return int(m.group(1))
+
+
+class SeerRuntime:
+    """Per-process state: validated config, gate weights on the device, RoPE table, stats."""
+
+    def __init__(self, vllm_config: Any, num_heads: int, num_kv_heads: int, head_dim: int,
+                 tp_rank: int, device: torch.device) -> None:
+        self.config = SeerConfig.from_additional_config(vllm_config.additional_config)
+        model_config = vllm_config.model_config
+        hf = model_config.hf_text_config if hasattr(model_config, "hf_text_config") else (
+            model_config.hf_config)
+        archs = list(getattr(model_config.hf_config, "architectures", None) or [])
+        if not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            raise ValueError(f"Seer backend: model architecture {archs} is not supported (NeoX-RoPE "
+                             f"decoders only: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        ckpt: GateCheckpoint = load_gates(self.config.gates)
+        total_q = num_heads * vllm_config.parallel_config.tensor_parallel_size
+        ckpt.check_against(num_layers=model_config.get_num_layers(vllm_config.parallel_config),
+                           num_q_heads=total_q,
+                           num_kv_heads=model_config.get_total_num_kv_heads(),
+                           head_dim=head_dim, where=f"the served model {model_config.model}")
+        self.block_size = ckpt.block_size
+        self.num_layers = ckpt.num_layers
+        lo, hi = tp_rank * num_heads, (tp_rank + 1) * num_heads
+        self.weights = {i: w[lo:hi].to(device=device, dtype=torch.float32).contiguous()
+                        for i, w in ckpt.weights.items()}
+        self.inv_freq = RopeSpec.from_hf_config(hf, head_dim).inv_freq().to(device)
+        self.num_heads = num_heads
+        served = model_config.served_model_name
+        model_name = served[0] if isinstance(served, list | tuple) else str(served)
+        engine = str(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0)
+        self.stats = WorkerStats({"model_name": model_name, "engine": engine},
+                                 {**self.config.describe(), "block_size": str(self.block_size)},
+                                 self.num_layers, device, count_requests=tp_rank == 0)
+        logger.info("Seer backend ready: gates %s (%d layers), %s, min_prefill_tokens=%d",
+                    self.config.gates_source, self.num_layers, self.config.selection,
+                    self.config.min_prefill_tokens)
+
+
+class StepTimer:
+    """Accumulates gate / attention seconds of one step (host clock; CPU path)."""
+
+    def __init__(self) -> None:
+        self.gate = 0.0
+        self.attn = 0.0
+        self.computed: torch.Tensor | None = None
+
+
+def run_sparse_reference(rt: SeerRuntime, layer_idx: int, query: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, plan: SparsePlan,
+                         output: torch.Tensor, scale: float, timer: StepTimer) -> None:
+    """The sparse path with the PyTorch gate and reference attention (CPU).
+
+    Args:
+        query: ``[T, Hq, D]`` the whole batch's queries (post-RoPE).
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` views.
+        output: ``[T, Hq, D]``; rows ``plan.token_rows`` are written.
+    """
+    from vllm_seer.kernels.sparse_prefill import gather_paged
+
+    t0 = time.perf_counter()
+    weight = rt.weights[layer_idx]
+    q = query.index_select(0, plan.token_rows)
+    masks = []
+    cu = plan.cu_seqlens_q.tolist()
+    for r in range(len(plan.req_ids)):
+        L = plan.context_lens[r] + plan.query_lens[r]
+        k_ctx = gather_paged(k_cache, plan.block_table[r], L)
+        mask, _ = gate_mask(q[cu[r]:cu[r + 1]], k_ctx, weight, rt.inv_freq, rt.block_size,
+                            rt.config.selection)
+        masks.append(mask)
+    index, count = masks_to_block_lists(masks)
+    t1 = time.perf_counter()
+    out = torch.empty_like(q)
+    sparse_prefill_paged_ref(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
+                             plan.seq_lens, index, count, out, scale, rt.block_size)
+    output.index_copy_(0, plan.token_rows, out)
+    t2 = time.perf_counter()
+    computed = count.sum(dim=(1, 2)).to(torch.int64)  # [R]
+    rt.stats.add_layer(layer_idx, computed.sum(), sum(plan.possible))
+    timer.computed = computed if timer.computed is None else timer.computed + computed
+    timer.gate += t1 - t0
+    timer.attn += t2 - t1

@@ -1,0 +1,147 @@
+"""Everything that depends on the vLLM version (supported: 0.26 … 0.33) lives here.
+
+* registering the ``SEER`` backend enum member (0.32+ has ``AttentionBackendEnum.register``; 0.26 only
+  lets existing members be overridden, so the member is added the same way by hand) and making it
+  survive vLLM's spawned processes (a pickling reduction that re-registers before lookup);
+* host copies of per-request lengths in ``CommonAttentionMetadata`` (field names moved);
+* slicing a ``CommonAttentionMetadata`` to a subset of requests;
+* per-layer KV cache views for each platform's layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+SEER_NAME = "SEER"
+
+
+def attention_backend_enum() -> Any:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum
+
+
+def register_seer_member(class_path: str) -> Any:
+    """Create (or return) ``AttentionBackendEnum.SEER`` pointing at ``class_path``. Idempotent."""
+    from vllm.v1.attention.backends import registry
+
+    enum = registry.AttentionBackendEnum
+    member = enum._member_map_.get(SEER_NAME)
+    if member is None:
+        if hasattr(enum, "register"):
+            member = enum.register(SEER_NAME, class_path)
+        else:  # vLLM 0.26: no dynamic members; add one the way 0.32's register() does
+            member = object.__new__(enum)
+            member._name_, member._value_ = SEER_NAME, class_path
+            setattr(enum, SEER_NAME, member)
+            enum._member_map_[SEER_NAME] = member
+            enum._value2member_map_[class_path] = member
+            enum._member_names_.append(SEER_NAME)
+    registry._ATTN_OVERRIDES[member] = class_path
+    # Enum members pickle by value; a spawned child unpickles the config before plugins run, so
+    # rebuild the member by name (re-running registration first).
+    member.__reduce_ex__ = _reduce_seer_member  # type: ignore[method-assign]
+    return member
+
+
+def _reduce_seer_member(protocol: int) -> tuple[Any, tuple[()]]:
+    return _seer_member, ()
+
+
+def _seer_member() -> Any:
+    from vllm_seer.plugin import register
+
+    register()
+    return attention_backend_enum()[SEER_NAME]
+
+
+def register_custom(class_path: str) -> None:
+    from vllm.v1.attention.backends.registry import register_backend
+
+    register_backend(attention_backend_enum().CUSTOM, class_path)
+
+
+def is_seer_selection(selected: Any) -> bool:
+    """True when the user picked ``seer`` or the ``CUSTOM`` slot that this plugin fills."""
+    if selected is None:
+        return False
+    name = getattr(selected, "name", None)
+    if name == SEER_NAME:
+        return True
+    if name == "CUSTOM":
+        from vllm.v1.attention.backends import registry
+
+        return registry._ATTN_OVERRIDES.get(selected, "").startswith("vllm_seer.")
+    return False
+
+
+def host_seq_lens(cm: Any) -> torch.Tensor:
+    """``[B]`` host tensor of ``seq_lens`` (context + new) for a ``CommonAttentionMetadata``."""
+    if cm.seq_lens.device.type == "cpu":
+        return cm.seq_lens
+    for name in ("seq_lens_cpu", "seq_lens_cpu_upper_bound"):
+        value = getattr(cm, name, None)
+        if value is not None:
+            return value
+    raise RuntimeError("Seer backend: this vLLM gives no host copy of seq_lens")
+
+
+def subset_common_metadata(cm: Any, req_ids: list[int], rows: torch.Tensor,
+                           seq_lens_host: torch.Tensor) -> Any:
+    """A ``CommonAttentionMetadata`` for the requests ``req_ids`` whose query rows are ``rows``.
+
+    The subset's queries are re-packed contiguously in request order.
+    """
+    qsl = cm.query_start_loc_cpu
+    qlens = (qsl[1:] - qsl[:-1])[req_ids]
+    new_qsl_cpu = torch.zeros(len(req_ids) + 1, dtype=qsl.dtype)
+    new_qsl_cpu[1:] = qlens.cumsum(0)
+    dev = cm.query_start_loc.device
+    idx = torch.tensor(req_ids, dtype=torch.long)
+    idx_dev = idx.to(cm.seq_lens.device)
+    rows_dev = rows.to(cm.slot_mapping.device)
+    changes: dict[str, Any] = {
+        "query_start_loc": new_qsl_cpu.to(dev),
+        "query_start_loc_cpu": new_qsl_cpu,
+        "seq_lens": cm.seq_lens[idx_dev],
+        "num_reqs": len(req_ids),
+        "num_actual_tokens": int(new_qsl_cpu[-1]),
+        "max_query_len": int(qlens.max()),
+        "max_seq_len": int(seq_lens_host[idx].max()),
+        "block_table_tensor": cm.block_table_tensor[idx_dev.to(cm.block_table_tensor.device)],
+        "slot_mapping": cm.slot_mapping[rows_dev],
+    }
+    fields = {f.name for f in dataclasses.fields(cm)}
+    for name in ("seq_lens_cpu", "seq_lens_cpu_upper_bound", "is_prefilling",
+                 "dcp_local_seq_lens", "dcp_local_seq_lens_cpu_upper_bound"):
+        value = getattr(cm, name, None)
+        if name in fields and isinstance(value, torch.Tensor):
+            changes[name] = value[idx.to(value.device)]
+    if "positions" in fields and isinstance(cm.positions, torch.Tensor):
+        changes["positions"] = cm.positions[rows.to(cm.positions.device)]
+    for name in ("_num_computed_tokens_cache", "_token_to_req_indices_cache",
+                 "logits_indices_padded", "num_logits_indices", "max_logits_per_req", "req_idx",
+                 "mm_req_doc_ranges", "rswa_prefix_lens", "replayssm_decode_base_cpu"):
+        if name in fields:
+            changes[name] = None
+    return dataclasses.replace(cm, **changes)
+
+
+def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU cache ``[num_blocks, Hkv, page, 2D]`` (K rows then V rows per (block, head)) →
+    K and V views ``[num_blocks, page, Hkv, D]``."""
+    nb, hkv, page, _ = kv_cache.shape
+    k, v = kv_cache.view(nb, hkv, 2 * page, -1).chunk(2, dim=2)
+    return k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+
+
+def tp_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    try:
+        return get_tensor_model_parallel_rank()
+    except AssertionError:  # model parallel group not initialised (single process tools)
+        return 0

@@ -1,0 +1,177 @@
+"""``SeerConfig``: the plugin's settings from ``--additional-config '{"seer": {...}}'``.
+
+Defaults come from the gate checkpoint's ``config.json`` (``seerattn_*`` fields); keys given on the
+command line override them. Unknown keys and out-of-range values raise :class:`SeerConfigError`
+naming the setting, so a bad flag stops the server at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_seer.gate import SPARSITY_METHODS, Selection
+
+logger = logging.getLogger(__name__)
+
+ADDITIONAL_CONFIG_KEY = "seer"
+DEFAULT_MIN_PREFILL_TOKENS = 2048
+
+# key -> (checkpoint config.json field or None, documentation)
+KEYS: dict[str, tuple[str | None, str]] = {
+    "gates": (None, "gate checkpoint: a local folder or a Hugging Face hub id (required)"),
+    "sparsity_method": ("seerattn_sparsity_method", "'threshold' or 'nz_ratio' (top-k)"),
+    "threshold": ("seerattn_threshold", "keep key blocks whose gate probability > threshold, (0, 1)"),
+    "nz_ratio": ("seerattn_nz_ratio", "target density of the causal block triangle, (0, 1]"),
+    "last_block_dense": ("seerattn_last_block_dense", "last two query-block rows of a step dense"),
+    "min_prefill_tokens": (None, "prefills whose context is shorter stay on the dense path (>= 0)"),
+    "dense_layers": (None, "list of layer indices that always stay dense"),
+}
+
+
+class SeerConfigError(ValueError):
+    """An invalid ``seer`` setting; the message names it."""
+
+
+@dataclass(frozen=True)
+class SeerConfig:
+    """Validated plugin settings.
+
+    Attributes:
+        gates: resolved local folder of the gate checkpoint.
+        gates_source: what the user passed (folder or hub id), for logs and the info metric.
+        selection: how active blocks are chosen.
+        min_prefill_tokens: prefill rows whose context (``seq_len``) is shorter stay dense.
+        dense_layers: layers that never take the sparse path.
+    """
+
+    gates: Path
+    gates_source: str
+    selection: Selection
+    min_prefill_tokens: int = DEFAULT_MIN_PREFILL_TOKENS
+    dense_layers: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict[str, Any] | None) -> SeerConfig:
+        """Parse vLLM's ``additional_config`` dict (the ``seer`` entry)."""
+        if not additional_config or ADDITIONAL_CONFIG_KEY not in additional_config:
+            raise SeerConfigError(
+                "the Seer backend needs --additional-config '{\"seer\": {\"gates\": PATH_OR_HUB_ID}}'"
+            )
+        return cls.from_dict(additional_config[ADDITIONAL_CONFIG_KEY])
+
+    @classmethod
+    def from_dict(cls, raw: Any, checkpoint_config: dict[str, Any] | None = None) -> SeerConfig:
+        """Validate ``raw`` (the ``seer`` dict) over the checkpoint's ``seerattn_*`` defaults.
+
+        ``checkpoint_config`` is read from the resolved gate folder when not given.
+        """
+        if not isinstance(raw, dict):
+            raise SeerConfigError(f"additional_config['seer'] must be a JSON object, got {raw!r}")
+        unknown = sorted(set(raw) - set(KEYS))
+        if unknown:
+            raise SeerConfigError(
+                f"unknown seer setting(s) {unknown}; valid settings: {', '.join(KEYS)}"
+            )
+        if "gates" not in raw:
+            raise SeerConfigError("seer setting 'gates' is required (a local folder or a hub id)")
+        source = _expect(raw, "gates", str)
+        folder = resolve_gates(source)
+        if checkpoint_config is None:
+            from vllm_seer.checkpoint import load_gates
+
+            checkpoint_config = load_gates(folder).config
+        merged = {k: checkpoint_config[f] for k, (f, _) in KEYS.items() if f and f in checkpoint_config}
+        merged.update({k: v for k, v in raw.items() if k != "gates"})
+        selection = Selection(
+            method=_choice(merged, "sparsity_method", SPARSITY_METHODS, "threshold"),
+            threshold=_number(merged, "threshold", 5e-4, lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+            nz_ratio=_number(merged, "nz_ratio", 0.1, lo=0.0, hi=1.0, lo_open=True),
+            last_block_dense=_flag(merged, "last_block_dense", True),
+        )
+        min_tokens = merged.get("min_prefill_tokens", DEFAULT_MIN_PREFILL_TOKENS)
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+            raise SeerConfigError(f"seer setting 'min_prefill_tokens' must be an integer >= 0, "
+                                  f"got {min_tokens!r}")
+        dense = merged.get("dense_layers", [])
+        if not isinstance(dense, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dense
+        ):
+            raise SeerConfigError(f"seer setting 'dense_layers' must be a list of layer indices "
+                                  f"(integers >= 0), got {dense!r}")
+        n_layers = checkpoint_config.get("num_hidden_layers")
+        if n_layers is not None and any(i >= int(n_layers) for i in dense):
+            raise SeerConfigError(f"seer setting 'dense_layers' {dense} names a layer >= "
+                                  f"num_hidden_layers={n_layers}")
+        return cls(folder, source, selection, min_tokens, frozenset(dense))
+
+    def describe(self) -> dict[str, str]:
+        """String labels for the config info metric and logs."""
+        s = self.selection
+        return {
+            "gates": self.gates_source,
+            "sparsity_method": s.method,
+            "threshold": f"{s.threshold:g}" if s.method == "threshold" else "",
+            "nz_ratio": f"{s.nz_ratio:g}" if s.method == "nz_ratio" else "",
+            "min_prefill_tokens": str(self.min_prefill_tokens),
+            "last_block_dense": str(s.last_block_dense).lower(),
+        }
+
+
+def resolve_gates(source: str) -> Path:
+    """A local folder as is; otherwise a hub id fetched with ``huggingface_hub`` (offline-aware:
+    with ``HF_HUB_OFFLINE=1`` only the local hub cache is used)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise SeerConfigError(f"seer setting 'gates': {source!r} is not a folder and not a hub id "
+                              "of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(source, local_files_only=offline,
+                                      allow_patterns=["config.json", "*.pth", "*.safetensors"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        mode = "offline (HF_HUB_OFFLINE=1), not in the local hub cache" if offline else str(e)
+        raise SeerConfigError(f"seer setting 'gates': cannot get hub repo {source!r}: {mode}") from e
+
+
+def _expect(raw: dict[str, Any], key: str, typ: type) -> Any:
+    value = raw[key]
+    if not isinstance(value, typ):
+        raise SeerConfigError(f"seer setting {key!r} must be a {typ.__name__}, got {value!r}")
+    return value
+
+
+def _choice(m: dict[str, Any], key: str, options: tuple[str, ...], default: str) -> str:
+    value = m.get(key, default)
+    if value not in options:
+        raise SeerConfigError(f"seer setting {key!r} must be one of {list(options)}, got {value!r}")
+    return str(value)
+
+
+def _flag(m: dict[str, Any], key: str, default: bool) -> bool:
+    value = m.get(key, default)
+    if not isinstance(value, bool):
+        raise SeerConfigError(f"seer setting {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _number(m: dict[str, Any], key: str, default: float, *, lo: float, hi: float,
+            lo_open: bool = False, hi_open: bool = False) -> float:
+    value = m.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SeerConfigError(f"seer setting {key!r} must be a number, got {value!r}")
+    v = float(value)
+    below = v <= lo if lo_open else v < lo
+    above = v >= hi if hi_open else v > hi
+    if below or above:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise SeerConfigError(f"seer setting {key!r} must be in {interval}, got {value!r}")
+    return v
