@@ -120,7 +120,9 @@ def test_every_dashboard_and_rule_expression_returns_data(prometheus_for) -> Non
 
         wait_until("vllm:seer_config_info", lambda: bool(prom.query("vllm:seer_config_info")))
         model_name = prom.query("vllm:seer_config_info")[0]["metric"]["model_name"]
-        variables = {"model_name": re.escape(model_name), "__rate_interval": "1m",
+        # as Grafana does for a regex matcher: regex-escaped, then backslashes escaped for PromQL
+        as_regex = re.escape(model_name).replace("\\", "\\\\")
+        variables = {"model_name": as_regex, "__rate_interval": "1m",
                      "__interval": "15s", "__range": "5m"}
         dash = [(q, substitute(q.expr, variables)) for q in dashboard_queries(load_dashboard())]
         rules = [(q, q.expr) for q in rule_queries(load_rules())]

@@ -59,3 +59,41 @@ def test_route_through_fastapi_and_vllm_protocol() -> None:
     plugin.attach_router(app)
     body = TestClient(app).get(ROUTE).json()
     assert body["models"]["m"]["density"] == pytest.approx(0.2)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_live_server_serves_stats(tmp_path) -> None:
+    """The plugin loaded by a real server through its entry point and VLLM_PLUGINS.
+
+    The entry point is declared by a throw-away dist-info on PYTHONPATH, so this test does not
+    depend on the installed package metadata declaring it.
+    """
+    import json
+    import os
+    import re
+    import urllib.request
+
+    from vllm_seer.testing import SeerServer, ensure_test_model
+
+    dist = tmp_path / "vllm_seer_stats_probe-0.0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-seer-stats-probe\n"
+                                   "Version: 0.0.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[vllm.endpoint_plugins]\nseer_stats = vllm_seer.stats_endpoint:SeerStatsPlugin\n")
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": path, "VLLM_PLUGINS": "seer,seer_cpu,seer_stats"}
+    model = ensure_test_model()
+    seer = {"gates": str(model / "gates"), "min_prefill_tokens": 256}
+    with SeerServer(model, {"seer": seer}, ["--enforce-eager"], env=env) as server:
+        server.completion([(7 * i) % 1500 + 100 for i in range(1200)], 2)
+        metrics = server.metrics_text()
+        with urllib.request.urlopen(server.url + ROUTE, timeout=30) as r:
+            stats = json.loads(r.read())
+    m = stats["models"][server.model_name]
+    sparse = sum(float(v) for v in re.findall(
+        r'^vllm:seer_prefill_tokens_total\{[^}]*path="sparse"[^}]*\} (\S+)$', metrics, re.M))
+    assert m["prefill_tokens"]["sparse"] == sparse > 0
+    assert 0 < m["density"] <= 1 and m["config"]["min_prefill_tokens"] == "256"
+    assert len(m["layers"]) > 0 and m["sparse_steps"] > 0
