@@ -56,21 +56,21 @@ def _bench(fn, rep: int) -> float:
 
 def _flex_mask(index: torch.Tensor, count: torch.Tensor, L: int):
     """BlockMask from Seer block lists: diagonal blocks partial (causal), the rest full."""
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask, _dense_to_ordered
 
-    qb = torch.arange(index.shape[2], device=index.device)[None, None, :, None]
-    live = torch.arange(index.shape[3], device=index.device) < count[..., None]
-    full = live & (index != qb)
-    key = torch.where(full, index, index.shape[3] + 1)
-    full_idx = key.sort(-1).values.clamp(max=index.shape[3] - 1).to(torch.int32)
-    full_cnt = full.sum(-1).to(torch.int32)
-    diag_idx = qb.expand(*index.shape[:3], 1).to(torch.int32).contiguous()
-    diag_cnt = torch.ones_like(full_cnt)
+    b, h, mqb, mkb = index.shape
+    live = torch.arange(mkb, device=index.device) < count[..., None]
+    dense = torch.zeros(b, h, mqb, mkb + 1, dtype=torch.bool, device=index.device)
+    dense.scatter_(-1, torch.where(live, index.long(), mkb), True)
+    dense = dense[..., :mkb]
+    diag = torch.eye(mqb, mkb, dtype=torch.bool, device=index.device).expand(b, h, mqb, mkb)
+    part_cnt, part_idx = _dense_to_ordered(dense & diag)
+    full_cnt, full_idx = _dense_to_ordered(dense & ~diag)
 
     def causal(b, h, q, k):
         return q >= k
 
-    return BlockMask.from_kv_blocks(diag_cnt, diag_idx, full_cnt, full_idx,
+    return BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx,
                                     BLOCK_SIZE=(BS, BS), mask_mod=causal, seq_lengths=(L, L))
 
 
@@ -131,6 +131,20 @@ def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: l
             attn()  # noqa: B023
 
         t_full = _bench(full, rep)
+        if dens == 0.1:  # gate breakdown
+            from vllm_seer.kernels.block_select.triton import block_select
+            from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
+
+            parts = {
+                "pool_k": lambda: pool_k_paged(k_cache, bt, lens, inv, bufs.k_pooled),
+                "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
+                "select": lambda: block_select(  # noqa: B023
+                    bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,  # noqa: B023
+                    bufs.block_index,
+                    bufs.block_count, BS, bufs.scores),
+            }
+            print(f"{model} {L} gate breakdown (ms):",
+                  {k: round(_bench(f, rep), 4) for k, f in parts.items()}, flush=True)
         cnt = bufs.block_count.double()
         nqb = cnt.shape[-1]
         blocks = cnt.sum().item()

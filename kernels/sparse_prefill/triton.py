@@ -81,9 +81,9 @@ def _sparse_prefill_kernel(
             page = tl.load(bt_ptr + b * stride_btb + (pos_k // PAGE_SIZE) * stride_btp,
                            mask=k_ok, other=0).to(tl.int64)
             slot = pos_k % PAGE_SIZE
-            k_ptrs = (k_ptr + page[None, :] * stride_kp + slot[None, :] * stride_kt
-                      + kvh * stride_kh + offs_d[:, None] * stride_kd)  # [BLOCK_D, BLOCK]
-            kt = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            k_ptrs = (k_ptr + page[:, None] * stride_kp + slot[:, None] * stride_kt
+                      + kvh * stride_kh + offs_d[None, :] * stride_kd)  # [BLOCK, BLOCK_D]
+            kt = tl.trans(tl.load(k_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0))
             if DOT_FP32:
                 kt = kt.to(tl.float32)
             s = tl.dot(q, kt) * qk_scale  # [BLOCK, BLOCK]
