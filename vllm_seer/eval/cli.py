@@ -106,8 +106,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                     ppl, dens = perplexity(model, ids, sel)
                     results["ppl"][key] = {"ppl": ppl, "density": dens}
             a.results.write_text(json.dumps(results, indent=1))
-        if a.skip_passkey:
-            continue
+    for length in [] if a.skip_passkey else a.lengths:
         for depth in tqdm(a.depths, desc=f"passkey@{length}"):
             for seed in range(a.passkey_seeds):
                 for sel in sels:

