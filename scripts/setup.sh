@@ -23,5 +23,7 @@ else
   pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 pip install -e ".[dev,train]"
+# a real Prometheus (Debian package, unpacked into .cache/) for the deploy tests
+bash scripts/get-prometheus.sh >/dev/null
 touch "$stamp"
 echo "setup: done ($("$VENV/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'))"

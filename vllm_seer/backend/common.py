@@ -65,7 +65,7 @@ def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: to
     sparse, dense = [], []
     for i, L in enumerate(seq_lens):
         n = query_start_loc[i + 1] - query_start_loc[i]
-        (sparse if causal and n > 1 and L >= min_prefill_tokens else dense).append(i)
+        (sparse if causal and n > 1 and min_prefill_tokens <= L else dense).append(i)
     if not sparse:
         return None, dense
     dev = block_table.device
