@@ -98,7 +98,7 @@ class WorkerStats:
         self.density = Histogram(DENSITY_BUCKETS)
         self.gate = Histogram(SECONDS_BUCKETS)
         self.attn = Histogram(SECONDS_BUCKETS)
-        self._pending: list[tuple[torch.Tensor, list[int], float, float]] = []
+        self._pending: list[tuple[torch.Tensor, list[int], float | None, float | None]] = []
         self._last_flush = 0.0
         self._dirty = True  # publish the info metric once at start
         self.sink = make_sink(self)
@@ -117,8 +117,9 @@ class WorkerStats:
         self._dirty = True
 
     def end_step(self, per_request_computed: torch.Tensor, per_request_possible: list[int],
-                 gate_s: float, attn_s: float) -> None:
-        """Close a step that took the sparse path. ``per_request_computed``: ``[R]`` device."""
+                 gate_s: float | None, attn_s: float | None) -> None:
+        """Close a step that took the sparse path. ``per_request_computed``: ``[R]`` device;
+        times ``None`` where they were not measured (they are then not observed)."""
         if self.count_requests:
             self._pending.append((per_request_computed, per_request_possible, gate_s, attn_s))
         self.maybe_flush()
@@ -132,8 +133,9 @@ class WorkerStats:
         new: dict[str, list[float]] = {name: [] for name in HIST_NAMES}
         for comp, poss, gate_s, attn_s in self._pending:
             new["prefill_density"] += [c / p for c, p in zip(comp.tolist(), poss, strict=True) if p]
-            new["gate_seconds"].append(gate_s)
-            new["sparse_attention_seconds"].append(attn_s)
+            if gate_s is not None and attn_s is not None:
+                new["gate_seconds"].append(gate_s)
+                new["sparse_attention_seconds"].append(attn_s)
         for name, hist in self.histograms().items():
             for value in new[name]:
                 hist.observe(value)

@@ -123,7 +123,7 @@ class SeerRuntime:
         self.weights = {i: w[lo:hi].to(device=device, dtype=torch.float32).contiguous()
                         for i, w in ckpt.weights.items()}
         self.inv_freq = RopeSpec.from_hf_config(hf, head_dim).inv_freq().to(device)
-        self.num_heads = num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         served = model_config.served_model_name
         model_name = served[0] if isinstance(served, list | tuple) else str(served)
         engine = str(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0)

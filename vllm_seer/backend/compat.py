@@ -138,6 +138,18 @@ def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
 
 
+def cuda_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention cache → K and V views ``[num_blocks, page, Hkv, D]``.
+
+    vLLM 0.26: ``[2, num_blocks, page, Hkv, D]``; 0.32+: ``[num_blocks, Hkv, page, 2D]`` views.
+    """
+    if kv_cache.dim() == 5:
+        k, v = kv_cache.unbind(0)
+        return k, v
+    k, v = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return k, v
+
+
 def tp_rank() -> int:
     from vllm.distributed import get_tensor_model_parallel_rank
 

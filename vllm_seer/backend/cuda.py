@@ -1,0 +1,161 @@
+"""The Seer backend on CUDA (built on vLLM's FlashAttention backend).
+
+Dense rows (decodes, short prefills, dense layers) stay on FlashAttention (FA3 on Hopper) through the
+inherited impl on their own sub-batch; Seer rows go through the Triton gate and block-sparse kernels
+(``vllm_seer.kernels.planning.seer_prefill``). Buffers are planned once per step in the builder; the
+per-layer path only launches kernels (no ``.item()``, no allocation besides the sub-batch gather when
+the dense rows are not a prefix of the batch). Full CUDA graphs are declared for pure decode batches
+only; mixed and prefill batches run eagerly between graph pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadataBuilder,
+)
+
+from vllm_seer.backend import compat
+from vllm_seer.backend.common import SparsePlan, layer_index, plan_sparse
+from vllm_seer.backend.runtime import get_runtime
+from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_prefill
+
+
+@dataclass
+class SeerCUDAMetadata:
+    num_actual_tokens: int
+    full: Any | None
+    dense: Any | None
+    dense_rows: torch.Tensor | None
+    plan: SparsePlan | None
+    bufs: SeerBuffers | None
+    step: int = 0
+    causal: bool = True
+
+
+class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
+    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    _steps = 0
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+        return cls._cudagraph_support
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any,
+              fast_build: bool = False) -> SeerCUDAMetadata:
+        cm = common_attn_metadata
+        rt = get_runtime()
+        seq_host = compat.host_seq_lens(cm)
+        qsl = cm.query_start_loc_cpu.tolist()
+        causal = cm.causal is True
+        plan, dense = plan_sparse(qsl, seq_host.tolist(), cm.block_table_tensor,
+                                  rt.config.min_prefill_tokens, rt.block_size, rt.num_heads, causal)
+        dense_prefill = sum(qsl[i + 1] - qsl[i] for i in dense if qsl[i + 1] - qsl[i] > 1)
+        rt.stats.add_tokens(sum(plan.query_lens) if plan else 0, dense_prefill)
+        rt.stats.maybe_flush()
+        SeerCUDAMetadataBuilder._steps += 1
+        md = SeerCUDAMetadata(cm.num_actual_tokens, None, None, None, plan, None,
+                              SeerCUDAMetadataBuilder._steps, causal)
+        if plan is None or rt.config.dense_layers:
+            md.full = super().build(common_prefix_len, cm, fast_build)
+        if plan is not None:
+            cu = plan.cu_seqlens_q.cpu().tolist()
+            lens = [c + n for c, n in zip(plan.context_lens, plan.query_lens, strict=True)]
+            md.bufs = SeerBuffers.allocate(plan_batch(cu, lens, rt.block_size), rt.num_heads,
+                                           rt.num_kv_heads, rt.head_dim, self.device)
+            if dense:
+                rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense])
+                sub = compat.subset_common_metadata(cm, dense, rows, seq_host)
+                md.dense = super().build(0, sub, fast_build)
+                md.dense_rows = rows.to(self.device)
+                md.dense_prefix = int(rows[-1]) == rows.numel() - 1  # type: ignore[attr-defined]
+        return md
+
+
+class SeerCUDAImpl(FlashAttentionImpl):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = get_current_vllm_config()
+        get_runtime(cfg, self.num_heads, self.num_kv_heads, self.head_size,
+                    torch.device(f"cuda:{torch.cuda.current_device()}"))
+        self._layer: int | None = None
+
+    def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: SeerCUDAMetadata | None,
+                output: torch.Tensor, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None,
+                *args: Any, **kwargs: Any) -> torch.Tensor:
+        if attn_metadata is None:  # profiling run
+            return output
+        md = attn_metadata
+        rt = get_runtime()
+        if self._layer is None:
+            self._layer = layer_index(layer.layer_name)
+        if md.plan is None or self._layer in rt.config.dense_layers:
+            return super().forward(layer, query, key, value, kv_cache, md.full, output,
+                                   output_scale, output_block_scale, *args, **kwargs)
+        if md.dense is not None:
+            rows = md.dense_rows
+            n = rows.numel()
+            if getattr(md, "dense_prefix", False):
+                super().forward(layer, query[:n], key[:n], value[:n], kv_cache, md.dense,
+                                output[:n], output_scale, output_block_scale, *args, **kwargs)
+            else:
+                out = torch.empty_like(output[:n])
+                super().forward(layer, query[rows], key[rows], value[rows], kv_cache, md.dense,
+                                out, output_scale, output_block_scale, *args, **kwargs)
+                output[rows] = out
+        plan, bufs = md.plan, md.bufs
+        assert bufs is not None
+        k_cache, v_cache = compat.cuda_kv_views(kv_cache, self.head_size)
+        q = query.index_select(0, plan.token_rows)
+        out = torch.empty_like(q)
+        seer_prefill(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q, plan.seq_lens,
+                     rt.weights[self._layer], rt.inv_freq, rt.config.selection, bufs, out,
+                     self.scale)
+        output.index_copy_(0, plan.token_rows, out)
+        computed = bufs.block_count.sum(dim=(1, 2)).to(torch.int64)
+        rt.stats.add_layer(self._layer, computed.sum(), sum(plan.possible))
+        key_ = ("computed", md.step)
+        acc = _STEP.get(key_)
+        _STEP.clear()
+        _STEP[key_] = computed if acc is None else acc + computed
+        last = max(i for i in range(rt.num_layers) if i not in rt.config.dense_layers)
+        if self._layer == last:
+            n_layers = rt.num_layers - len(rt.config.dense_layers)
+            # gate/attention time is not measured on CUDA yet (it needs per-layer events read back
+            # at flush time): None leaves the time histograms untouched rather than report zeros
+            rt.stats.end_step(_STEP[key_], [p * n_layers for p in plan.possible], None, None)
+        return output
+
+
+_STEP: dict[tuple[str, int], torch.Tensor] = {}
+
+
+class SeerCUDABackend(FlashAttentionBackend):
+    """``--attention-backend seer`` on CUDA."""
+
+    @staticmethod
+    def get_name() -> str:
+        return compat.SEER_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[SeerCUDAImpl]:
+        return SeerCUDAImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SeerCUDAMetadataBuilder]:
+        return SeerCUDAMetadataBuilder
+
+
+class SeerCUDACustomBackend(SeerCUDABackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
