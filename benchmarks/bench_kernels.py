@@ -173,6 +173,35 @@ def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: l
         print(rows[-1], flush=True)
 
 
+def profile_gate(model: str, L: int) -> None:
+    """Gate breakdown + a torch.profiler kernel table for one call of ``block_select``."""
+    from vllm_seer.kernels.block_select.triton import block_select
+    from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
+
+    hq, hkv, d, theta = MODELS[model]
+    q = torch.randn(L, hq, d, dtype=torch.bfloat16, device="cuda")
+    k_cache, bt = _paged(torch.randn(L, hkv, d, dtype=torch.bfloat16, device="cuda"), PAGE)
+    cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    lens = cu[1:].clone()
+    inv = RopeSpec(d, theta).inv_freq().cuda()
+    weight = (torch.randn(hq, 3 * d, d, device="cuda") / math.sqrt(3 * d)).to(torch.bfloat16)
+    bufs = SeerBuffers.allocate(plan_batch([0, L], [L]), hq, hkv, d, "cuda")
+    sel = Selection("nz_ratio", 0.0, 0.1, True)
+    parts = {
+        "pool_k": lambda: pool_k_paged(k_cache, bt, lens, inv, bufs.k_pooled),
+        "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
+        "select": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,
+                                       bufs.block_index, bufs.block_count, BS, bufs.scores),
+    }
+    print(f"{model} {L} gate (ms):", {k: round(_bench(f, 50), 4) for k, f in parts.items()})
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            parts["select"]()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+
+
 def _fmt(rows: list[dict], meta: str) -> str:
     head = ("| model | seq | target | density | group-union density | Seer ms (gate incl.) | "
             "attn ms | gate ms | gate share | cuDNN ms | flash ms | flex ms | x cuDNN | x flash | "
@@ -196,7 +225,12 @@ def main() -> None:
     ap.add_argument("--seqs", default="8192,32768,131072")
     ap.add_argument("--models", default="llama3.1-8b,smollm2")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) below 128k")
+    ap.add_argument("--profile-gate", action="store_true", help="only profile the gate")
     args = ap.parse_args()
+    if args.profile_gate:
+        for L in (int(s) for s in args.seqs.split(",")):
+            profile_gate(args.models.split(",")[0], L)
+        return
     torch.manual_seed(0)
     try:
         from torch.nn.attention.flex_attention import flex_attention

@@ -4,8 +4,9 @@ Same signatures and semantics as :mod:`vllm_seer.kernels.paged_pool.naive`. RoPE
 token from ``inv_freq`` (angle ``pos * inv_freq`` in fp32, accurate libdevice cos/sin on GPU), so
 the cache is read once and nothing but the pooled blocks is written: memory bound.
 
-Grids come from the output shapes (no host sync): K ``(MKB, B, Hkv)``, Q ``(MQB, B, Hq)``; programs
-past their request's blocks exit at once.
+Grids come from the output shapes (no host sync): K ``(MKB, B)``, Q ``(MQB, B)``; a program
+loops over the heads so cos/sin are computed once per block; programs past their request's
+blocks exit at once.
 """
 
 from __future__ import annotations
@@ -27,17 +28,27 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _unrope(x1, x2, pos, f_ptr, offs, half_ok, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """Rotate ``[R, HALF]`` halves by ``-pos * inv_freq`` (NeoX)."""
+def _cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """``[R, HALF]`` cos/sin of ``pos * inv_freq`` (fp32), computed once and reused by every head."""
     if HAS_ROPE:
         f = tl.load(f_ptr + offs, mask=half_ok, other=0.0)
         ang = pos.to(tl.float32)[:, None] * f[None, :]
         if LIBDEVICE:
-            c, s = libdevice.cos(ang), libdevice.sin(ang)
+            c = libdevice.cos(ang)
+            s = libdevice.sin(ang)
         else:
-            c, s = tl.cos(ang), tl.sin(ang)
-        return x1 * c + x2 * s, x2 * c - x1 * s
-    return x1, x2
+            c = tl.cos(ang)
+            s = tl.sin(ang)
+    else:  # identity rotation
+        c = 1.0
+        s = 0.0
+    return c, s
+
+
+@triton.jit
+def _unrope(x1, x2, c, s):
+    """Rotate ``[R, HALF]`` halves by minus the angle of ``c``/``s`` (NeoX)."""
+    return x1 * c + x2 * s, x2 * c - x1 * s
 
 
 @triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None})
@@ -49,13 +60,12 @@ def _pool_k_kernel(
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_btb, stride_btp,
     stride_ob, stride_on, stride_oh, stride_oc,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr,
+    HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    # k: [P, PAGE_SIZE, HKV, 2*HALF]  out: [B, MKB, HKV, 6*HALF]
+    # k: [P, PAGE_SIZE, HKV, 2*HALF]  out: [B, MKB, HKV, 6*HALF]; one program per (block, request)
     kb = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
     if kb * BLOCK < seq_len:
         pos = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
@@ -64,20 +74,26 @@ def _pool_k_kernel(
         half_ok = offs < HALF
         page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE_SIZE) * stride_btp,
                        mask=ok, other=0).to(tl.int64)
-        base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
         m2 = ok[:, None] & half_ok[None, :]
-        x1 = tl.load(base[:, None] + offs[None, :] * stride_kd, mask=m2, other=0.0)
-        x2 = tl.load(base[:, None] + (offs[None, :] + HALF) * stride_kd, mask=m2, other=0.0)
-        y1, y2 = _unrope(x1.to(tl.float32), x2.to(tl.float32), pos, f_ptr, offs, half_ok,
-                         HAS_ROPE, LIBDEVICE)
+        c, sn = _cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
         cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
-        o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
-        tl.store(o, tl.max(tl.where(m2, y1, float("-inf")), 0), mask=half_ok)
-        tl.store(o + HALF * stride_oc, tl.max(tl.where(m2, y2, float("-inf")), 0), mask=half_ok)
-        tl.store(o + 2 * HALF * stride_oc, tl.min(tl.where(m2, y1, float("inf")), 0), mask=half_ok)
-        tl.store(o + 3 * HALF * stride_oc, tl.min(tl.where(m2, y2, float("inf")), 0), mask=half_ok)
-        tl.store(o + 4 * HALF * stride_oc, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt, mask=half_ok)
-        tl.store(o + 5 * HALF * stride_oc, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt, mask=half_ok)
+        for h in range(HKV):
+            base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
+            x1 = tl.load(base[:, None] + offs[None, :] * stride_kd, mask=m2, other=0.0)
+            x2 = tl.load(base[:, None] + (offs[None, :] + HALF) * stride_kd, mask=m2, other=0.0)
+            y1, y2 = _unrope(x1.to(tl.float32), x2.to(tl.float32), c, sn)
+            o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
+            tl.store(o, tl.max(tl.where(m2, y1, float("-inf")), 0), mask=half_ok)
+            tl.store(o + HALF * stride_oc, tl.max(tl.where(m2, y2, float("-inf")), 0),
+                     mask=half_ok)
+            tl.store(o + 2 * HALF * stride_oc, tl.min(tl.where(m2, y1, float("inf")), 0),
+                     mask=half_ok)
+            tl.store(o + 3 * HALF * stride_oc, tl.min(tl.where(m2, y2, float("inf")), 0),
+                     mask=half_ok)
+            tl.store(o + 4 * HALF * stride_oc, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt,
+                     mask=half_ok)
+            tl.store(o + 5 * HALF * stride_oc, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt,
+                     mask=half_ok)
 
 
 @triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None})
@@ -88,13 +104,12 @@ def _pool_q_kernel(
     MQB,
     stride_qt, stride_qh, stride_qd,
     stride_ob, stride_on, stride_oh, stride_od,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
+    HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
     HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    # q: [T, HQ, 2*HALF]  out: [B, MQB, HQ, 2*HALF]
+    # q: [T, HQ, 2*HALF]  out: [B, MQB, HQ, 2*HALF]; one program per (block, request)
     j = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
     q_lo = tl.load(cu_ptr + b).to(tl.int64)
     n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
@@ -107,15 +122,16 @@ def _pool_q_kernel(
         offs = tl.arange(0, BLOCK_HALF)
         half_ok = offs < HALF
         m2 = ok[:, None] & half_ok[None, :]
-        base = q_ptr + (q_lo + pos - start) * stride_qt + h * stride_qh
-        x1 = tl.load(base[:, None] + offs[None, :] * stride_qd, mask=m2, other=0.0)
-        x2 = tl.load(base[:, None] + (offs[None, :] + HALF) * stride_qd, mask=m2, other=0.0)
-        y1, y2 = _unrope(x1.to(tl.float32), x2.to(tl.float32), pos, f_ptr, offs, half_ok,
-                         HAS_ROPE, LIBDEVICE)
+        c, sn = _cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
         cnt = tl.sum(ok.to(tl.float32), 0)
-        o = o_ptr + b * stride_ob + j * stride_on + h * stride_oh + offs * stride_od
-        tl.store(o, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt, mask=half_ok)
-        tl.store(o + HALF * stride_od, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt, mask=half_ok)
+        for h in range(HQ):
+            base = q_ptr + (q_lo + pos - start) * stride_qt + h * stride_qh
+            x1 = tl.load(base[:, None] + offs[None, :] * stride_qd, mask=m2, other=0.0)
+            x2 = tl.load(base[:, None] + (offs[None, :] + HALF) * stride_qd, mask=m2, other=0.0)
+            y1, y2 = _unrope(x1.to(tl.float32), x2.to(tl.float32), c, sn)
+            o = o_ptr + b * stride_ob + j * stride_on + h * stride_oh + offs * stride_od
+            tl.store(o, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt, mask=half_ok)
+            tl.store(o + HALF * stride_od, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt, mask=half_ok)
 
 
 def pool_k_paged(
@@ -142,10 +158,10 @@ def pool_k_paged(
     bsz, mkb = out.shape[0], out.shape[1]
     if bsz == 0 or mkb == 0:
         return out
-    _pool_k_kernel[(mkb, bsz, hkv)](
+    _pool_k_kernel[(mkb, bsz)](
         k_cache, block_table, seq_lens, inv_freq, out, mkb,
         *k_cache.stride(), *block_table.stride(), *out.stride(),
-        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), PAGE_SIZE=page_size,
+        HKV=hkv, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), PAGE_SIZE=page_size,
         BLOCK=block_size, LIBDEVICE=not INTERPRET,
     )
     return out
@@ -175,10 +191,10 @@ def pool_q_varlen(
     bsz, mqb = out.shape[0], out.shape[1]
     if bsz == 0 or mqb == 0:
         return out
-    _pool_q_kernel[(mqb, bsz, hq)](
+    _pool_q_kernel[(mqb, bsz)](
         q, cu_seqlens_q, seq_lens, inv_freq, out, mqb,
         *q.stride(), *out.stride(),
-        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK=block_size,
+        HQ=hq, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK=block_size,
         LIBDEVICE=not INTERPRET,
     )
     return out
