@@ -18,6 +18,16 @@ import torch
 SEER_NAME = "SEER"
 
 
+
+def attention_cg_support() -> Any:
+    """vLLM's ``AttentionCGSupport`` enum (moved between releases)."""
+    try:  # vLLM 0.32+
+        from vllm.v1.attention.backend import AttentionCGSupport
+    except ImportError:  # vLLM 0.26
+        from vllm.v1.attention.backends.utils import AttentionCGSupport  # type: ignore[no-redef]
+    return AttentionCGSupport
+
+
 def attention_backend_enum() -> Any:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
@@ -41,11 +40,12 @@ class SeerCUDAMetadata:
 
 
 class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
-    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    # full CUDA graphs for pure decode batches only (the Seer path runs eagerly)
+    _cudagraph_support = compat.attention_cg_support().UNIFORM_SINGLE_TOKEN_DECODE
     _steps = 0
 
     @classmethod
-    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> Any:
         return cls._cudagraph_support
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any,
