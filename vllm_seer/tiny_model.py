@@ -22,6 +22,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QK_SHARPEN = 6.0  # q/k projection scale: attention logits with std ~4 instead of ~0.1
 TRAINING_FILES = ("textwrap.py", "string.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py")
 
 
@@ -66,7 +67,12 @@ def build_tiny_llama(out: str | Path, *, num_layers: int = 4, num_heads: int = 4
         pad_token_id=0, torch_dtype=dtype,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # sharpen attention: a flat random attention would hide K/V read errors
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(QK_SHARPEN)
+            layer.self_attn.k_proj.weight.mul_(QK_SHARPEN)
+    model = model.to(getattr(torch, dtype))
     model.generation_config.eos_token_id = 2
     model.save_pretrained(out, safe_serialization=True)
     build_random_gates(out / "gates", json.loads((out / "config.json").read_text()), seed=seed + 1)

@@ -102,9 +102,10 @@ def test_chunked_prefill_and_prefix_cache_hit_match(model, unchunked_outputs):
 
 
 def test_short_prompts_and_decode_stay_dense(model):
-    """Prefills shorter than min_prefill_tokens take the inherited dense path (counted dense)."""
+    """Prefills shorter than min_prefill_tokens take the inherited dense path (counted dense);
+    the backend is selected through vLLM's CUSTOM slot here."""
     with SeerServer(model, {"seer": {"gates": str(model / "gates"), "min_prefill_tokens": 2000}},
-                    COMMON) as srv:
+                    [*COMMON, "--attention-backend", "CUSTOM"]) as srv:
         srv.completion(_prompts()[2], 4)
         text = srv.metrics_text()
     samples = parse_metrics(text)
@@ -112,3 +113,4 @@ def test_short_prompts_and_decode_stay_dense(model):
     assert metric_sum(samples, "vllm:seer_prefill_tokens_total", path="sparse") == 0
     assert metric_sum(samples, "vllm:seer_blocks_possible_total") == 0
     assert "vllm:num_requests_running" in text
+    assert any(k.startswith("vllm:seer_config_info") for k in samples)  # the Seer backend ran

@@ -140,12 +140,28 @@ def subset_common_metadata(cm: Any, req_ids: list[int], rows: torch.Tensor,
     return dataclasses.replace(cm, **changes)
 
 
-def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU cache ``[num_blocks, Hkv, page, 2D]`` (K rows then V rows per (block, head)) →
-    K and V views ``[num_blocks, page, Hkv, D]``."""
-    nb, hkv, page, _ = kv_cache.shape
-    k, v = kv_cache.view(nb, hkv, 2 * page, -1).chunk(2, dim=2)
-    return k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+CPU_ISAS = ("vec",)
+
+
+def cpu_kv_views(kv_cache: torch.Tensor, isa: str = "vec") -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU cache → K and V views ``[num_blocks, page, Hkv, D]`` (strided, no copy).
+
+    vLLM's CPU cache is ``[num_blocks, Hkv, page, 2D]``; per (block, head) the K half is stored
+    dim-major (``[D, page]``, what ``cpu_attn_reshape_and_cache`` writes for the ``vec`` ISA) and
+    the V half token-major (``[page, D]``). Other ISAs (``amx``, ``neon``, ...) pack differently and
+    are refused.
+    """
+    if isa not in CPU_ISAS:
+        raise NotImplementedError(f"Seer backend: vLLM CPU attention ISA {isa!r} is not supported "
+                                  f"(supported: {', '.join(CPU_ISAS)})")
+    nb, hkv, page, two_d = kv_cache.shape
+    d = two_d // 2
+    s_blk, s_head = kv_cache.stride(0), kv_cache.stride(1)
+    k = kv_cache.as_strided((nb, page, hkv, d), (s_blk, 1, s_head, page),
+                            kv_cache.storage_offset())
+    v = kv_cache.as_strided((nb, page, hkv, d), (s_blk, d, s_head, 1),
+                            kv_cache.storage_offset() + page * d)
+    return k, v
 
 
 def cuda_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:

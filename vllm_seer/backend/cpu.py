@@ -110,7 +110,7 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
                 super().forward(layer, query[rows], key[rows], value[rows], kv_cache, md.dense,
                                 out, output_scale, output_block_scale)
                 output[rows] = out
-        k_cache, v_cache = compat.cpu_kv_views(kv_cache)
+        k_cache, v_cache = compat.cpu_kv_views(kv_cache, getattr(layer, "isa", "vec"))
         timer = step_timer(md.step)
         run_sparse_reference(rt, self._layer, query, k_cache, v_cache, md.plan, output,
                              self.scale, timer)
