@@ -7,7 +7,6 @@ Run under Nsight Compute with ``--profile-from-start off``: autotuning happens b
 from __future__ import annotations
 
 import torch
-
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists
 from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
