@@ -13,32 +13,21 @@ picked per worker process, neither needing the user to set an environment variab
   double count; tensor-parallel ranks other than 0 report blocks only (their own heads), not tokens.
 
 Blocks computed are counted on the device and read back at flush time only (at most every
-``flush_interval`` seconds on CUDA; on CPU reading is free and every prefill step is flushed).
+``flush_interval`` seconds on CUDA; on CPU reading is free and every prefill step is flushed). Gate
+and attention times arrive as :class:`StepTiming` objects (host clock on CPU, CUDA event pairs on
+CUDA) that are turned into seconds at flush time too. The API-server side (folder, collector) is in
+``vllm_seer.metrics_server``.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
-import logging
-import multiprocessing
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
-from prometheus_client.registry import Collector
-
-logger = logging.getLogger(__name__)
 
 DIR_ENV = "VLLM_SEER_METRICS_DIR"
 PREFIX = "vllm:seer_"
@@ -74,6 +63,15 @@ class Histogram:
         return {"counts": self.counts, "sum": self.sum}
 
 
+class StepTiming(Protocol):
+    """Gate / attention time of one step, resolved lazily (``backend.common.StepTimer``)."""
+
+    def seconds(self) -> tuple[float, float] | None:
+        """``(gate_s, attn_s)`` summed over layers, or ``None`` where the step was not timed.
+        May wait for the device (called at flush time only)."""
+        ...
+
+
 class WorkerStats:
     """Per-worker accumulators; fed by the backend, flushed to a sink.
 
@@ -98,7 +96,7 @@ class WorkerStats:
         self.density = Histogram(DENSITY_BUCKETS)
         self.gate = Histogram(SECONDS_BUCKETS)
         self.attn = Histogram(SECONDS_BUCKETS)
-        self._pending: list[tuple[torch.Tensor, list[int], float | None, float | None]] = []
+        self._pending: list[tuple[torch.Tensor, list[int], StepTiming | None]] = []
         self._last_flush = 0.0
         self._dirty = True  # publish the info metric once at start
         self.sink = make_sink(self)
@@ -117,11 +115,13 @@ class WorkerStats:
         self._dirty = True
 
     def end_step(self, per_request_computed: torch.Tensor, per_request_possible: list[int],
-                 gate_s: float | None, attn_s: float | None) -> None:
+                 timing: StepTiming | None) -> None:
         """Close a step that took the sparse path. ``per_request_computed``: ``[R]`` device;
-        times ``None`` where they were not measured (they are then not observed)."""
+        ``timing`` is resolved at flush time (``None``, or resolving to ``None``: not observed).
+        Only the ranks that count requests keep steps (and their device events) pending."""
         if self.count_requests:
-            self._pending.append((per_request_computed, per_request_possible, gate_s, attn_s))
+            self._pending.append((per_request_computed, per_request_possible, timing))
+            self._dirty = True
         self.maybe_flush()
 
     def maybe_flush(self, force: bool = False) -> None:
@@ -131,11 +131,12 @@ class WorkerStats:
         self._last_flush = now
         self.computed = self.computed_dev.tolist()
         new: dict[str, list[float]] = {name: [] for name in HIST_NAMES}
-        for comp, poss, gate_s, attn_s in self._pending:
+        for comp, poss, timing in self._pending:
             new["prefill_density"] += [c / p for c, p in zip(comp.tolist(), poss, strict=True) if p]
-            if gate_s is not None and attn_s is not None:
-                new["gate_seconds"].append(gate_s)
-                new["sparse_attention_seconds"].append(attn_s)
+            seconds = timing.seconds() if timing is not None else None
+            if seconds is not None:
+                new["gate_seconds"].append(seconds[0])
+                new["sparse_attention_seconds"].append(seconds[1])
         for name, hist in self.histograms().items():
             for value in new[name]:
                 hist.observe(value)
@@ -219,83 +220,7 @@ def make_sink(stats: WorkerStats) -> FileSink | PrometheusSink:
 
 
 def setup_api_server_metrics() -> None:
-    """In the top-level (API-server) process: create the snapshot folder and register the collector.
+    """In the API-server process: the snapshot folder and its collector (see ``metrics_server``)."""
+    from vllm_seer.metrics_server import setup_api_server_metrics as setup
 
-    Idempotent; a no-op in spawned children (they inherit ``VLLM_SEER_METRICS_DIR`` from the API
-    server, however they were started) and when ``PROMETHEUS_MULTIPROC_DIR`` is set.
-    """
-    if (multiprocessing.parent_process() is not None or os.environ.get(DIR_ENV)
-            or os.environ.get("PROMETHEUS_MULTIPROC_DIR")):
-        return
-    folder = tempfile.mkdtemp(prefix="vllm-seer-metrics-")
-    os.environ[DIR_ENV] = folder
-    atexit.register(shutil.rmtree, folder, True)
-    from prometheus_client import REGISTRY
-
-    REGISTRY.register(SnapshotCollector(Path(folder)))
-
-
-class SnapshotCollector(Collector):
-    """Sums the worker snapshots in a folder into Prometheus metric families at scrape time."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def collect(self) -> Iterator[Any]:
-        snaps = []
-        for f in sorted(self.folder.glob("*.json")):
-            try:
-                snaps.append(json.loads(f.read_text()))
-            except (OSError, json.JSONDecodeError) as e:  # a file being replaced; next scrape
-                logger.debug("skipping metrics snapshot %s: %s", f, e)
-        yield from families(snaps)
-
-
-def families(snaps: list[dict[str, Any]]) -> Iterator[Any]:
-    """Metric families from worker snapshots (summed over processes with equal labels)."""
-    base = ["model_name", "engine"]
-    blocks = {k: CounterMetricFamily(PREFIX + k, HELP[k], labels=[*base, "layer"])
-              for k in ("blocks_computed", "blocks_possible")}
-    tokens = CounterMetricFamily(PREFIX + "prefill_tokens", HELP["prefill_tokens"],
-                                 labels=[*base, "path"])
-    sums: dict[tuple[str, ...], float] = {}
-    hist_state: dict[tuple[str, str, str], tuple[list[int], float]] = {}
-    infos: dict[tuple[str, ...], dict[str, str]] = {}
-    for s in snaps:
-        lab = (s["labels"]["model_name"], s["labels"]["engine"])
-        for key, fam in (("computed", "blocks_computed"), ("possible", "blocks_possible")):
-            for layer, v in enumerate(s[key]):
-                k = (fam, *lab, str(layer))
-                sums[k] = sums.get(k, 0) + v
-        if s["count_requests"]:
-            for path, v in s["tokens"].items():
-                k = ("tokens", *lab, path)
-                sums[k] = sums.get(k, 0) + v
-            for name in HIST_NAMES:
-                counts, total = hist_state.get((name, *lab), ([0] * 0, 0.0))
-                new = s[name]["counts"]
-                counts = [a + b for a, b in zip(counts, new, strict=True)] if counts else list(new)
-                hist_state[(name, *lab)] = (counts, total + s[name]["sum"])
-        infos[lab] = s["info"]
-    for k, v in sums.items():
-        (tokens if k[0] == "tokens" else blocks[k[0]]).add_metric(list(k[1:]), v)
-    yield from blocks.values()
-    yield tokens
-    for name in HIST_NAMES:
-        bounds = DENSITY_BUCKETS if name == "prefill_density" else SECONDS_BUCKETS
-        fam = HistogramMetricFamily(PREFIX + name, HELP[name], labels=base)
-        for (n, *lab), (counts, total) in hist_state.items():
-            if n != name:
-                continue
-            cum, buckets = 0, []
-            for bound, c in zip([*map(str, bounds), "+Inf"], counts, strict=True):
-                cum += c
-                buckets.append((bound, cum))
-            fam.add_metric(lab, buckets, total)
-        yield fam
-    if infos:
-        keys = sorted(next(iter(infos.values())))
-        info = GaugeMetricFamily(PREFIX + "config_info", HELP["config_info"], labels=[*base, *keys])
-        for lab, i in infos.items():
-            info.add_metric([*lab, *(i[k] for k in keys)], 1)
-        yield info
+    setup()

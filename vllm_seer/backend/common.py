@@ -136,12 +136,60 @@ class SeerRuntime:
 
 
 class StepTimer:
-    """Accumulates gate / attention seconds of one step (host clock; CPU path)."""
+    """One prefill step's Seer accumulators over its layers: blocks computed per request (device
+    tensor, no sync) and gate / sparse-attention time, shared by the CPU and CUDA paths.
 
-    def __init__(self) -> None:
-        self.gate = 0.0
-        self.attn = 0.0
+    Time marks are host clock readings (``perf_counter``) on CPU and ``torch.cuda.Event(
+    enable_timing=True)`` recorded on the current stream on CUDA: recording never waits for the
+    device. :meth:`seconds` turns them into seconds; :class:`WorkerStats` calls it at flush time only
+    (at most every ``flush_interval``), where it synchronizes on the step's last event. A step of
+    which any mark fell inside CUDA graph capture is not timed (no events are recorded then).
+    """
+
+    _current: tuple[int, StepTimer] | None = None  # one live step per process
+
+    def __init__(self, cuda_events: bool = False) -> None:
+        self.cuda_events = cuda_events
         self.computed: torch.Tensor | None = None
+        self.marks: list[tuple[Any, Any, Any]] = []  # (start, gate done, attention done) per layer
+        self.timed = True
+
+    @classmethod
+    def for_step(cls, step: int, cuda_events: bool = False) -> StepTimer:
+        """The timer of step ``step``; a new one when the step changes."""
+        if cls._current is None or cls._current[0] != step:
+            cls._current = (step, cls(cuda_events))
+        return cls._current[1]
+
+    def mark(self) -> Any:
+        """A time mark now (on the current stream for CUDA); ``None`` during graph capture."""
+        if not self.cuda_events:
+            return time.perf_counter()
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add_layer(self, computed: torch.Tensor, start: Any, gate_done: Any,
+                  attn_done: Any) -> None:
+        """One layer: ``computed`` ``[R]`` blocks per request (device) and its three marks."""
+        self.computed = computed if self.computed is None else self.computed + computed
+        if start is None or gate_done is None or attn_done is None:
+            self.timed = False
+        else:
+            self.marks.append((start, gate_done, attn_done))
+
+    def seconds(self) -> tuple[float, float] | None:
+        """``(gate_s, attn_s)`` summed over layers, or ``None`` if the step was not timed."""
+        if not self.timed or not self.marks:
+            return None
+        if not self.cuda_events:
+            return (sum(g - s for s, g, _ in self.marks), sum(a - g for _, g, a in self.marks))
+        self.marks[-1][2].synchronize()  # events complete in stream order: all are done then
+        gate = sum(s.elapsed_time(g) for s, g, _ in self.marks) / 1e3
+        attn = sum(g.elapsed_time(a) for _, g, a in self.marks) / 1e3
+        return gate, attn
 
 
 def run_sparse_reference(rt: SeerRuntime, layer_idx: int, query: torch.Tensor,
@@ -156,7 +204,7 @@ def run_sparse_reference(rt: SeerRuntime, layer_idx: int, query: torch.Tensor,
     """
     from vllm_seer.kernels.sparse_prefill import gather_paged
 
-    t0 = time.perf_counter()
+    t0 = timer.mark()
     weight = rt.weights[layer_idx]
     q = query.index_select(0, plan.token_rows)
     masks = []
@@ -168,14 +216,23 @@ def run_sparse_reference(rt: SeerRuntime, layer_idx: int, query: torch.Tensor,
                             rt.config.selection)
         masks.append(mask)
     index, count = masks_to_block_lists(masks)
-    t1 = time.perf_counter()
+    t1 = timer.mark()
     out = torch.empty_like(q)
     sparse_prefill_paged_ref(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
                              plan.seq_lens, index, count, out, scale, rt.block_size)
     output.index_copy_(0, plan.token_rows, out)
-    t2 = time.perf_counter()
+    t2 = timer.mark()
     computed = count.sum(dim=(1, 2)).to(torch.int64)  # [R]
     rt.stats.add_layer(layer_idx, computed.sum(), sum(plan.possible))
-    timer.computed = computed if timer.computed is None else timer.computed + computed
-    timer.gate += t1 - t0
-    timer.attn += t2 - t1
+    timer.add_layer(computed, t0, t1, t2)
+
+
+def last_sparse_layer(num_layers: int, dense_layers: frozenset[int]) -> int:
+    return max(i for i in range(num_layers) if i not in dense_layers)
+
+
+def finish_step(rt: SeerRuntime, plan: SparsePlan, timer: StepTimer) -> None:
+    """After the last sparse layer of a step: hand the step to the stats (resolved at flush)."""
+    n_layers = rt.num_layers - len(rt.config.dense_layers)
+    assert timer.computed is not None
+    rt.stats.end_step(timer.computed, [p * n_layers for p in plan.possible], timer)

@@ -21,6 +21,8 @@ from vllm_seer.backend import compat
 from vllm_seer.backend.common import (
     SparsePlan,
     StepTimer,
+    finish_step,
+    last_sparse_layer,
     layer_index,
     plan_sparse,
     run_sparse_reference,
@@ -84,7 +86,6 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
         get_runtime(get_current_vllm_config(), self.num_heads, self.num_kv_heads,
                     self.head_size, torch.device("cpu"))
         self._layer: int | None = None
-        self._timer: tuple[int, StepTimer] | None = None
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeerCPUMetadata | None,
@@ -111,34 +112,12 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
                                 out, output_scale, output_block_scale)
                 output[rows] = out
         k_cache, v_cache = compat.cpu_kv_views(kv_cache, getattr(layer, "isa", "vec"))
-        timer = step_timer(md.step)
+        timer = StepTimer.for_step(md.step)
         run_sparse_reference(rt, self._layer, query, k_cache, v_cache, md.plan, output,
                              self.scale, timer)
         if self._layer == last_sparse_layer(rt.num_layers, rt.config.dense_layers):
             finish_step(rt, md.plan, timer)
         return output
-
-
-_TIMERS: dict[int, StepTimer] = {}
-
-
-def step_timer(step: int) -> StepTimer:
-    """The accumulator of the current step (one live step per process)."""
-    if step not in _TIMERS:
-        _TIMERS.clear()
-        _TIMERS[step] = StepTimer()
-    return _TIMERS[step]
-
-
-def last_sparse_layer(num_layers: int, dense_layers: frozenset[int]) -> int:
-    return max(i for i in range(num_layers) if i not in dense_layers)
-
-
-def finish_step(rt: Any, plan: SparsePlan, timer: StepTimer) -> None:
-    n_layers = rt.num_layers - len(rt.config.dense_layers)
-    assert timer.computed is not None
-    rt.stats.end_step(timer.computed, [p * n_layers for p in plan.possible], timer.gate,
-                      timer.attn)
 
 
 class SeerCPUBackend(CPUAttentionBackend):

@@ -22,9 +22,16 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 
 from vllm_seer.backend import compat
-from vllm_seer.backend.common import SparsePlan, layer_index, plan_sparse
+from vllm_seer.backend.common import (
+    SparsePlan,
+    StepTimer,
+    finish_step,
+    last_sparse_layer,
+    layer_index,
+    plan_sparse,
+)
 from vllm_seer.backend.runtime import get_runtime
-from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_prefill
+from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
 
 
 @dataclass
@@ -115,28 +122,26 @@ class SeerCUDAImpl(FlashAttentionImpl):
         plan, bufs = md.plan, md.bufs
         assert bufs is not None
         k_cache, v_cache = compat.cuda_kv_views(kv_cache, self.head_size)
+        from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
+
+        timer = StepTimer.for_step(md.step, cuda_events=True)
         q = query.index_select(0, plan.token_rows)
         out = torch.empty_like(q)
-        seer_prefill(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q, plan.seq_lens,
-                     rt.weights[self._layer], rt.inv_freq, rt.config.selection, bufs, out,
-                     self.scale)
+        t0 = timer.mark()  # CUDA events on the current stream: no host sync here
+        seer_gate(q, k_cache, plan.block_table, plan.cu_seqlens_q, plan.seq_lens,
+                  rt.weights[self._layer], rt.inv_freq, rt.config.selection, bufs)
+        t1 = timer.mark()
+        sparse_prefill_paged(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
+                             plan.seq_lens, bufs.block_index, bufs.block_count, out, self.scale,
+                             bufs.plan.block_size)
+        t2 = timer.mark()
         output.index_copy_(0, plan.token_rows, out)
         computed = bufs.block_count.sum(dim=(1, 2)).to(torch.int64)
         rt.stats.add_layer(self._layer, computed.sum(), sum(plan.possible))
-        key_ = ("computed", md.step)
-        acc = _STEP.get(key_)
-        _STEP.clear()
-        _STEP[key_] = computed if acc is None else acc + computed
-        last = max(i for i in range(rt.num_layers) if i not in rt.config.dense_layers)
-        if self._layer == last:
-            n_layers = rt.num_layers - len(rt.config.dense_layers)
-            # gate/attention time is not measured on CUDA yet (it needs per-layer events read back
-            # at flush time): None leaves the time histograms untouched rather than report zeros
-            rt.stats.end_step(_STEP[key_], [p * n_layers for p in plan.possible], None, None)
+        timer.add_layer(computed, t0, t1, t2)
+        if self._layer == last_sparse_layer(rt.num_layers, rt.config.dense_layers):
+            finish_step(rt, plan, timer)  # events resolved at flush time (WorkerStats)
         return output
-
-
-_STEP: dict[tuple[str, int], torch.Tensor] = {}
 
 
 class SeerCUDABackend(FlashAttentionBackend):
