@@ -10,7 +10,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 setup: $(STAMP)
 
+# SmolLM2 + the distilled gates (prepare-model is idempotent: converts once, ~1 min); if it cannot be
+# prepared, `demo` says so and serves the tiny random model instead
 demo: $(STAMP)
+	$(PY) -m vllm_seer.cli prepare-model || echo "demo: SmolLM2 could not be prepared (see above)"
 	$(PY) -m vllm_seer.cli demo
 
 test: $(STAMP)

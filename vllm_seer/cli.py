@@ -43,18 +43,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# demo settings for SmolLM2 + the distilled gates (see the README's demo paragraph)
+SMOLLM2_DEMO: dict[str, object] = {"sparsity_method": "nz_ratio", "nz_ratio": 0.3,
+                                   "min_prefill_tokens": 512}
+
+
 def demo_model() -> tuple[Path, Path, dict[str, object]]:
     """The model and gates ``demo`` serves: the distilled SmolLM2 gates when the converted model is
     available (``vllm-seer prepare-model``), else the bundled tiny random Llama and its gates."""
     from vllm_seer.testing import ensure_test_model
 
     assets = Path(__file__).parent / "assets" / "gates" / "smollm2-135m"
-    if (assets / "config.json").is_file():
+    if not (assets / "config.json").is_file():
+        reason = f"the distilled gates are missing ({assets})"
+    else:
         prep = importlib.import_module(DELEGATED["prepare-model"][0])
         model = prep.default_model_dir()
-        if (model / "config.json").is_file():
-            return model, assets, {"sparsity_method": "nz_ratio", "nz_ratio": 0.3,
-                                   "min_prefill_tokens": 512}
+        if prep.is_prepared(model):
+            return model, assets, dict(SMOLLM2_DEMO)
+        reason = f"SmolLM2 is not prepared at {model} (run `vllm-seer prepare-model`)"
+    logger.warning("demo: %s; falling back to the tiny random-weight model, whose answer is "
+                   "gibberish by design", reason)
     model = ensure_test_model()
     return model, model / "gates", {"sparsity_method": "nz_ratio", "nz_ratio": 0.3,
                                     "min_prefill_tokens": 256}

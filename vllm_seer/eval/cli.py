@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, default=None, help="png plot to write")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-passkey", action="store_true")
+    p.add_argument("--served", action="store_true",
+                   help="evaluate through a real vLLM server instead (see `eval --served --help`)")
     return p.parse_args(argv)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    """CLI entry; returns the exit status."""
+    """CLI entry; returns the exit status. ``--served`` runs :mod:`vllm_seer.eval.served` instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--served" in argv:
+        from vllm_seer.eval.served import eval_served_main
+
+        argv.remove("--served")
+        return eval_served_main(argv)
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers import AutoModelForCausalLM, AutoTokenizer
