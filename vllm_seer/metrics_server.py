@@ -1,12 +1,13 @@
 """API-server side of the Seer metrics (snapshot route): the folder workers write to and the
 collector that sums their snapshots on ``/metrics``.
 
-The folder (``$TMPDIR/vllm-seer-metrics-XXXX``) belongs to the top-level process of one server: a
-fresh one is made at every start (never one inherited through the environment), so a restarted
-server starts from zero. It is removed at exit (``atexit``: vLLM's API server exits normally on
-SIGTERM/SIGINT). The owner holds an ``flock`` on ``.lock`` inside it for its whole life; a folder
-whose lock can be taken belongs to a process that died without cleaning up (SIGKILL, crash, killed
-during start-up) and is removed by the next server that starts.
+The folder (``$TMPDIR/vllm-seer-metrics-XXXX``) belongs to the top-level process of one server. A
+fresh one is made at every start (an inherited ``VLLM_SEER_METRICS_DIR`` is followed only while a
+live process owns that folder), so a restarted server starts from zero. It is removed at exit
+(``atexit``: vLLM's API server exits normally on SIGTERM/SIGINT). The owner holds an ``flock`` on
+``.lock`` inside it for its whole life; a folder whose lock can be taken belongs to a process that
+died without cleaning up (SIGKILL, crash, killed during start-up) and is removed by the next server
+that starts.
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ def setup_api_server_metrics() -> Path | None:
     """
     if "folder" in _state:
         return _state["folder"]
-    if multiprocessing.parent_process() is not None or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not is_top_level_process() or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
-    if os.environ.get(DIR_ENV):
-        logger.debug("ignoring inherited %s=%s: this server gets its own folder", DIR_ENV,
-                     os.environ[DIR_ENV])
+    inherited = os.environ.get(DIR_ENV)
+    if inherited and is_live(Path(inherited)):
+        return None  # a child of a live server started some other way: report there
+    if inherited:
+        logger.debug("ignoring stale %s=%s: this server gets its own folder", DIR_ENV, inherited)
     root = Path(tempfile.gettempdir())
     remove_stale_folders(root)
     folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=root))
@@ -69,6 +72,28 @@ def setup_api_server_metrics() -> Path | None:
     REGISTRY.register(collector)
     _state.update(folder=folder, fd=fd, collector=collector)
     return folder
+
+
+def is_top_level_process() -> bool:
+    """Not a multiprocessing child. The name test matters: vLLM's spawned children run this
+    plugin while unpickling their arguments, before ``parent_process()`` is set."""
+    return (multiprocessing.parent_process() is None
+            and multiprocessing.current_process().name == "MainProcess")
+
+
+def is_live(folder: Path) -> bool:
+    """Whether a live process owns ``folder`` (holds the lock of its ``.lock``)."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def remove_folder(folder: Path) -> None:

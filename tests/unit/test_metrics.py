@@ -230,3 +230,42 @@ def test_setup_is_a_no_op_in_multiprocess_mode(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(metrics_server, "_state", {})
     assert metrics_server.setup_api_server_metrics() is None
     assert not list(tmp_path.iterdir())
+
+
+SPAWNER = """
+import multiprocessing as mp, sys
+from pathlib import Path
+from vllm_seer.metrics_server import setup_api_server_metrics
+
+class OnUnpickle:  # runs the plugin while the child unpickles its arguments, like vLLM's config
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        Path(state["out"]).write_text(repr(setup_api_server_metrics()))
+
+def noop(arg):
+    pass
+
+if __name__ == "__main__":
+    print(setup_api_server_metrics())
+    arg = OnUnpickle()
+    arg.out = sys.argv[1]
+    child = mp.get_context("spawn").Process(target=noop, args=(arg,))
+    child.start()
+    child.join(60)
+"""
+
+
+def test_spawned_children_keep_the_servers_folder(tmp_path) -> None:
+    """vLLM's spawned processes run the plugin before ``parent_process()`` is set: they must not
+    make (and switch their workers to) a folder of their own."""
+    script = tmp_path / "spawner.py"
+    script.write_text(SPAWNER)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop(DIR_ENV, None)
+    out = tmp_path / "child.txt"
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip().startswith(str(tmp_path / FOLDER_PREFIX))
+    assert out.read_text() == "None"
+    assert list(tmp_path.glob(FOLDER_PREFIX + "*")) == []  # the parent's removed, no other made
