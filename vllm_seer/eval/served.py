@@ -1,6 +1,6 @@
 """The evaluation through a real ``vllm serve`` with the Seer backend, beside the offline one.
 
-``vllm-seer eval-served MODEL --gates DIR`` serves ``MODEL`` once per setting (``dense`` = vLLM's own
+``vllm-seer eval --served [MODEL] --gates DIR`` serves ``MODEL`` once per setting (``dense`` = vLLM's own
 attention backend, ``nz=R`` / ``thr=T`` = the Seer backend with those settings) and measures, on the
 same held-out windows and pass-key prompts as :mod:`vllm_seer.eval.cli`:
 
@@ -287,8 +287,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def eval_served_main(argv: list[str] | None = None) -> int:
-    """``vllm-seer eval-served``; returns the exit status."""
-    p = argparse.ArgumentParser(prog="vllm-seer eval-served", description=__doc__.split("\n")[0])
+    """``vllm-seer eval --served``; returns the exit status."""
+    p = argparse.ArgumentParser(prog="vllm-seer eval --served", description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", default=None,
                    help="local HF model folder (default: the prepared SmolLM2)")
     p.add_argument("--gates", type=Path, default=DEFAULT_GATES)
