@@ -57,9 +57,13 @@ CASES = [  # (query lens, seq lens, Hq, Hkv, page, head_major)
 ]
 
 
-@pytest.mark.parametrize(("qlens", "seqs", "hq", "hkv", "page", "head_major"), CASES)
-def test_all_blocks_active_equals_sdpa_causal(qlens, seqs, hq, hkv, page, head_major):
-    gen = torch.Generator().manual_seed(1)
+def run_reference(qlens, seqs, hq, hkv, page, head_major, seed, make_mask, scale):
+    """Random paged K/V and queries, per-request block masks from ``make_mask``, the reference run.
+
+    ``make_mask(gen, hq, nqb, nkb, qb0)`` returns a request's ``[Hq, nqb, nkb]`` bool mask.
+    Returns (out, q, ks, vs, cu, masks).
+    """
+    gen = torch.Generator().manual_seed(seed)
     d = 32
     kc, vc, table, ks, vs = make_paged(seqs, hkv, d, page, head_major, gen)
     cu = [0, *torch.tensor(qlens).cumsum(0).tolist()]
@@ -67,12 +71,21 @@ def test_all_blocks_active_equals_sdpa_causal(qlens, seqs, hq, hkv, page, head_m
     masks = []
     for n, L in zip(qlens, seqs, strict=True):
         qb0, nkb = (L - n) // BS, -(-L // BS)
-        nqb = (L - 1) // BS - qb0 + 1
-        masks.append(torch.ones(hq, nqb, nkb, dtype=torch.bool).tril(qb0))
+        masks.append(make_mask(gen, hq, (L - 1) // BS - qb0 + 1, nkb, qb0))
     index, count = masks_to_block_lists(masks)
+    assert int((index >= 0).sum()) == int(count.sum()) == sum(int(m.sum()) for m in masks)
     out = torch.full_like(q, float("nan"))
     sparse_prefill_paged_ref(q, kc, vc, table, torch.tensor(cu, dtype=torch.int32),
-                             torch.tensor(seqs, dtype=torch.int32), index, count, out, 0.125, BS)
+                             torch.tensor(seqs, dtype=torch.int32), index, count, out, scale, BS)
+    return out, q, ks, vs, cu, masks
+
+
+@pytest.mark.parametrize(("qlens", "seqs", "hq", "hkv", "page", "head_major"), CASES)
+def test_all_blocks_active_equals_sdpa_causal(qlens, seqs, hq, hkv, page, head_major):
+    def full(gen, hq, nqb, nkb, qb0):
+        return torch.ones(hq, nqb, nkb, dtype=torch.bool).tril(qb0)
+
+    out, q, ks, vs, cu, _ = run_reference(qlens, seqs, hq, hkv, page, head_major, 1, full, 0.125)
 
     def causal(b, L, n):
         return (torch.arange(L)[None, :] <= torch.arange(L - n, L)[:, None]).expand(hq, n, L)
@@ -83,24 +96,14 @@ def test_all_blocks_active_equals_sdpa_causal(qlens, seqs, hq, hkv, page, head_m
 
 @pytest.mark.parametrize(("qlens", "seqs", "hq", "hkv", "page", "head_major"), CASES)
 def test_random_masks_equal_masked_dense(qlens, seqs, hq, hkv, page, head_major):
-    gen = torch.Generator().manual_seed(2)
-    d = 32
-    kc, vc, table, ks, vs = make_paged(seqs, hkv, d, page, head_major, gen)
-    cu = [0, *torch.tensor(qlens).cumsum(0).tolist()]
-    q = torch.randn(cu[-1], hq, d, generator=gen)
-    masks = []
-    for n, L in zip(qlens, seqs, strict=True):
-        qb0, nkb = (L - n) // BS, -(-L // BS)
-        nqb = (L - 1) // BS - qb0 + 1
+    def random_mask(gen, hq, nqb, nkb, qb0):
         m = torch.rand(hq, nqb, nkb, generator=gen) < 0.4
         qb = qb0 + torch.arange(nqb)
         m |= torch.arange(nkb)[None, :] == qb[:, None]  # diagonal (keeps every row finite)
-        masks.append(m & (torch.arange(nkb)[None, :] <= qb[:, None]))
-    index, count = masks_to_block_lists(masks)
-    assert int((index >= 0).sum()) == int(count.sum()) == sum(int(m.sum()) for m in masks)
-    out = torch.full_like(q, float("nan"))
-    sparse_prefill_paged_ref(q, kc, vc, table, torch.tensor(cu, dtype=torch.int32),
-                             torch.tensor(seqs, dtype=torch.int32), index, count, out, 0.2, BS)
+        return m & (torch.arange(nkb)[None, :] <= qb[:, None])
+
+    out, q, ks, vs, cu, masks = run_reference(qlens, seqs, hq, hkv, page, head_major, 2,
+                                              random_mask, 0.2)
 
     def allowed(b, L, n):
         qpos, kpos = torch.arange(L - n, L), torch.arange(L)
