@@ -48,6 +48,7 @@ class SeerCPUMetadata:
     plan: SparsePlan | None
     causal: bool = True
     step: int = 0
+    dense_prefix: bool = False  # the dense rows are rows 0 .. n-1 of the batch (no gather)
 
 
 class SeerCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -76,6 +77,7 @@ class SeerCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             sub = compat.subset_common_metadata(cm, dense, rows, seq_host)
             md.dense = super().build(0, sub, fast_build)
             md.dense_rows = rows
+            md.dense_prefix = int(rows[-1]) == rows.numel() - 1
         return md
 
 
@@ -103,7 +105,7 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
         if md.dense is not None:
             rows = md.dense_rows
             n = rows.numel()
-            if int(rows[-1]) == n - 1:  # the dense rows are a prefix of the batch: no copies
+            if md.dense_prefix:  # no copies
                 super().forward(layer, query[:n], key[:n], value[:n], kv_cache, md.dense,
                                 output[:n], output_scale, output_block_scale)
             else:

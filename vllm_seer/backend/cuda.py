@@ -44,6 +44,7 @@ class SeerCUDAMetadata:
     bufs: SeerBuffers | None
     step: int = 0
     causal: bool = True
+    dense_prefix: bool = False  # the dense rows are rows 0 .. n-1 of the batch (no gather)
 
 
 class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -82,7 +83,7 @@ class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
                 sub = compat.subset_common_metadata(cm, dense, rows, seq_host)
                 md.dense = super().build(0, sub, fast_build)
                 md.dense_rows = rows.to(self.device)
-                md.dense_prefix = int(rows[-1]) == rows.numel() - 1  # type: ignore[attr-defined]
+                md.dense_prefix = int(rows[-1]) == rows.numel() - 1
         return md
 
 
@@ -111,7 +112,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         if md.dense is not None:
             rows = md.dense_rows
             n = rows.numel()
-            if getattr(md, "dense_prefix", False):
+            if md.dense_prefix:
                 super().forward(layer, query[:n], key[:n], value[:n], kv_cache, md.dense,
                                 output[:n], output_scale, output_block_scale, *args, **kwargs)
             else:
