@@ -10,7 +10,9 @@ Timed (``triton.testing.do_bench``, bf16):
 * cuDNN SDPA causal and SDPA flash (FlashAttention-2) on contiguous dense tensors;
 * FlexAttention (torch.compile) with the same 64x64 block mask (off-diagonal blocks full,
   diagonal blocks causal), on contiguous tensors;
-* vLLM baselines when ``import vllm`` works (skipped otherwise).
+* vLLM's own dense kernels on the *same paged cache* when ``import vllm`` works (the GPU test host
+  with the vLLM bundle): FlashAttention 3 (``vllm.vllm_flash_attn.flash_attn_varlen_func`` with
+  ``block_table``, ``fa_version=3``) and the Triton unified attention kernel.
 
 Usage: ``python benchmarks/bench_kernels.py --out benchmarks/results/kernels-h100.md``
 """
@@ -54,6 +56,39 @@ def _bench(fn, rep: int) -> float:
     return do_bench(fn, warmup=max(1, rep // 8), rep=rep)
 
 
+def _vllm_kernels():
+    """``(fa3_varlen, triton_unified, version)`` from the installed vLLM, or ``None`` without vLLM."""
+    try:
+        import vllm
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        print(f"vLLM baselines skipped: {e}", flush=True)
+        return None
+    try:  # vLLM 0.32+
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except ImportError:  # vLLM 0.26
+        from vllm.attention.ops.triton_unified_attention import unified_attention
+    return flash_attn_varlen_func, unified_attention, vllm.__version__
+
+
+def _vllm_baselines(kernels, q, k_cache, v_cache, bt, cu, lens, L: int, scale: float,
+                    rep: int) -> dict[str, float]:
+    """vLLM FA3 and Triton unified attention over the same paged cache (ms; NaN when absent)."""
+    res = {"fa3": float("nan"), "vtriton": float("nan")}
+    if kernels is None:
+        return res
+    fa3, unified, _ = kernels
+    out = torch.empty_like(q)
+    res["fa3"] = _bench(lambda: fa3(q, k_cache, v_cache, L, cu, L, seqused_k=lens,
+                                    softmax_scale=scale, causal=True, block_table=bt, out=out,
+                                    fa_version=3), rep)
+    res["vtriton"] = _bench(lambda: unified(
+        q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=cu, max_seqlen_q=L, seqused_k=lens,
+        max_seqlen_k=L, softmax_scale=scale, causal=True, window_size=(-1, -1), block_table=bt,
+        softcap=0, q_descale=None, k_descale=None, v_descale=None), rep)
+    return res
+
+
 def _flex_mask(index: torch.Tensor, count: torch.Tensor, L: int):
     """BlockMask from Seer block lists: diagonal blocks partial (causal), the rest full."""
     from torch.nn.attention.flex_attention import BlockMask, _dense_to_ordered
@@ -75,7 +110,7 @@ def _flex_mask(index: torch.Tensor, count: torch.Tensor, L: int):
 
 
 def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: list[dict],
-             flex) -> None:
+             flex, vkernels) -> None:
     hq, hkv, d, theta = MODELS[model]
     dev = "cuda"
     dt = torch.bfloat16
@@ -116,6 +151,12 @@ def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: l
         except RuntimeError as e:
             base[name] = float("nan")
             print(f"{model} {L}: {name} failed: {e}")
+    try:
+        base.update(_vllm_baselines(vkernels, q, k_cache, v_cache, bt, cu, lens, L, scale, rep))
+    except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+        base.update(fa3=float("nan"), vtriton=float("nan"))
+        print(f"{model} {L}: vLLM baselines failed: {type(e).__name__}: {e}"[:400], flush=True)
+    print(f"{model} {L} dense baselines (ms): {base}", flush=True)
     kt_g, vt_g = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     for dens in densities:
         sel = Selection("nz_ratio", 0.0, dens, True)
@@ -168,7 +209,8 @@ def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: l
                 print(f"{model} {L} {dens}: flex failed: {type(e).__name__}: {e}"[:300])
         rows.append(dict(model=model, L=L, target=dens, density=density, union=union_density,
                          full=t_full, attn=t_attn, gate=t_gate, cudnn=base["cudnn"],
-                         flash=base["flash"], flex=t_flex, flops=flops_dense,
+                         flash=base["flash"], fa3=base["fa3"], vtriton=base["vtriton"],
+                         flex=t_flex, flops=flops_dense,
                          flops_comp=4.0 * d * BS * BS * blocks))
         print(rows[-1], flush=True)
 
@@ -204,8 +246,9 @@ def profile_gate(model: str, L: int) -> None:
 
 def _fmt(rows: list[dict], meta: str) -> str:
     head = ("| model | seq | target | density | group-union density | Seer ms (gate incl.) | "
-            "attn ms | gate ms | gate share | cuDNN ms | flash ms | flex ms | x cuDNN | x flash | "
-            "x flex | x cuDNN attn-only | TFLOP/s dense-eq | TFLOP/s computed |")
+            "attn ms | gate ms | gate share | cuDNN ms | flash ms | vLLM FA3 ms | vLLM Triton ms | "
+            "flex ms | x cuDNN | x flash | x FA3 | x vLLM Triton | x flex | x cuDNN attn-only | "
+            "TFLOP/s dense-eq | TFLOP/s computed |")
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [meta, "", head, sep]
     for r in rows:
@@ -213,7 +256,9 @@ def _fmt(rows: list[dict], meta: str) -> str:
             f"| {r['model']} | {r['L'] // 1024}k | {r['target']} | {r['density']:.3f} | "
             f"{r['union']:.3f} | {r['full']:.3f} | {r['attn']:.3f} | {r['gate']:.3f} | "
             f"{100 * r['gate'] / r['full']:.1f}% | {r['cudnn']:.3f} | {r['flash']:.3f} | "
+            f"{r['fa3']:.3f} | {r['vtriton']:.3f} | "
             f"{r['flex']:.3f} | {r['cudnn'] / r['full']:.2f} | {r['flash'] / r['full']:.2f} | "
+            f"{r['fa3'] / r['full']:.2f} | {r['vtriton'] / r['full']:.2f} | "
             f"{r['flex'] / r['full']:.2f} | {r['cudnn'] / r['attn']:.2f} | "
             f"{r['flops'] / r['full'] * 1e-9:.0f} | {r['flops_comp'] / r['attn'] * 1e-9:.0f} |")
     return "\n".join(lines) + "\n"
@@ -239,23 +284,20 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         print(f"FlexAttention unavailable: {e}")
         flex = None
-    try:
-        import vllm  # noqa: F401
-
-        vllm_note = "vLLM importable (its baselines are not wired in this script yet)"
-    except ImportError:
-        vllm_note = "vLLM not importable on this host: vLLM FA3 / Triton-unified baselines skipped"
+    vkernels = _vllm_kernels()
+    vllm_note = (f"vLLM {vkernels[2]} baselines on the same paged cache" if vkernels else
+                 "vLLM not importable on this host: vLLM FA3 / Triton-unified baselines skipped")
     rows: list[dict] = []
     t0 = time.time()
     for model in args.models.split(","):
         for L in (int(s) for s in args.seqs.split(",")):
             dens = DENSITIES if L < 131072 else (1.0, 0.3, 0.1, 0.05)
             try:
-                run_case(model, L, args.rep if L < 131072 else 400, dens, rows, flex)
+                run_case(model, L, args.rep if L < 131072 else 400, dens, rows, flex, vkernels)
             except Exception as e:  # noqa: BLE001 - keep the other shapes
                 print(f"{model} {L}: failed: {type(e).__name__}: {e}"[:500], flush=True)
                 torch.cuda.empty_cache()
-    meta = (f"# Seer kernels benchmark\n\nDate: 2026-11-22. Device: "
+    meta = (f"# Seer kernels benchmark\n\nDate: {datetime.date.today()}. Device: "
             f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
             f"{triton.__version__}; python {platform.python_version()}. Paged KV cache page size "
             f"{PAGE}, gate block {BS}, bf16, one request prefilled at once, top-k selection "

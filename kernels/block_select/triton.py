@@ -6,8 +6,9 @@ Pipeline (no host sync, grids from tensor shapes):
 
 1. torch: per-query-head projection of the pooled keys as one batched matmul per KV group
    (``[Hkv, B*MKB, 3D] @ [Hkv, 3D, group*G]``, fp32) — cuBLAS is faster than a Triton kernel here —
-   and RoPE of the gate vectors at block starts (``vllm_seer.rope.rotate``, fp32).
-2. ``_scores_kernel`` grid ``(cdiv(MQB, BM), B, Hq)``: ``q_gate @ k_gate^T / sqrt(G)`` over the
+   then ``_rope_blocks_kernel`` rotates the projected keys in place at their block starts.
+2. ``_scores_kernel`` grid ``(cdiv(MQB, BM), B, Hq)``: RoPE of the pooled queries at their block
+   starts in registers, then ``q_gate @ k_gate^T / sqrt(G)`` as two half-width dots over the
    causal key blocks only, written to an fp32 workspace ``[B, Hq, MQB, MKB]`` (tf32x3 on GPU).
 3. ``_select_kernel`` grid ``(MQB, B, Hq)``: one row in registers; softmax + threshold, or top-k by
    an exact 32-step radix select on the float bits (ties: lower block index first); diagonal,
@@ -23,24 +24,47 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vllm_seer.kernels.triton_common import cos_sin
 
 from vllm_seer.gate import Selection
-from vllm_seer.rope import rotate
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@triton.jit
+def _rope_blocks_kernel(
+    x_ptr, f_ptr, R, MKBP,
+    G: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, BR: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    # x: [Hkv, B * MKBP, GROUP, G] fp32 contiguous, rotated in place; row r = one G vector at
+    # key block (r // GROUP) % MKBP, i.e. RoPE at position block * BLOCK
+    HALF: tl.constexpr = G // 2
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    r_ok = r < R
+    pos = ((r // GROUP) % MKBP) * BLOCK
+    offs = tl.arange(0, HALF)
+    c, sn = cos_sin(pos, f_ptr, offs, offs < HALF, True, LIBDEVICE)
+    ptr = x_ptr + r.to(tl.int64)[:, None] * G + offs[None, :]
+    x1 = tl.load(ptr, mask=r_ok[:, None], other=0.0)
+    x2 = tl.load(ptr + HALF, mask=r_ok[:, None], other=0.0)
+    tl.store(ptr, x1 * c - x2 * sn, mask=r_ok[:, None])
+    tl.store(ptr + HALF, x2 * c + x1 * sn, mask=r_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["MQB", "MKB"])
 def _scores_kernel(
-    q_ptr, k_ptr, s_ptr, cu_ptr, lens_ptr,
+    q_ptr, k_ptr, s_ptr, f_ptr, cu_ptr, lens_ptr,
     scale, MQB, MKB,
     stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    HQ: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
+    stride_kv, stride_kb, stride_kn, stride_kg,
+    HQ: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    # q: [B, MQB, HQ, G]  k: [B, MKB', HQ, G] (rotated, last dim contiguous)
+    # q: [B, MQB, HQ, G] pre-RoPE pooled queries (RoPE at block starts applied here)
+    # k: [Hkv, B, MKB', GROUP, G] projected keys, already rotated (_rope_blocks_kernel)
     # s: [B, HQ, MQB, MKB]
+    HALF: tl.constexpr = G // 2
     j0 = tl.program_id(0) * BM
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
@@ -51,19 +75,26 @@ def _scores_kernel(
     nkb = (seq_len + BLOCK - 1) // BLOCK
     if j0 < nqb:
         offs_j = j0 + tl.arange(0, BM)
-        offs_g = tl.arange(0, G)
+        offs_g = tl.arange(0, HALF)
         j_ok = offs_j < nqb
-        q = tl.load(q_ptr + b * stride_qb + offs_j[:, None].to(tl.int64) * stride_qn
-                    + h * stride_qh + offs_g[None, :], mask=j_ok[:, None], other=0.0)
         qb = qb0 + offs_j  # absolute query block of each row
+        q_rows = q_ptr + b * stride_qb + offs_j[:, None].to(tl.int64) * stride_qn + h * stride_qh
+        q1 = tl.load(q_rows + offs_g[None, :], mask=j_ok[:, None], other=0.0)
+        q2 = tl.load(q_rows + HALF + offs_g[None, :], mask=j_ok[:, None], other=0.0)
+        c, sn = cos_sin(qb * BLOCK, f_ptr, offs_g, offs_g < HALF, True, LIBDEVICE)
+        r1 = q1 * c - q2 * sn  # rotated halves, [BM, HALF]
+        r2 = q2 * c + q1 * sn
         kb_end = tl.minimum(nkb, qb0 + j0 + BM)
+        k_base = k_ptr + (h // GROUP) * stride_kv + b * stride_kb + (h % GROUP) * stride_kg
         s_row = s_ptr + ((b * HQ + h) * MQB + offs_j.to(tl.int64)) * MKB  # [BM]
         for kb_start in range(0, kb_end, BN):
             offs_k = kb_start + tl.arange(0, BN)
             k_ok = offs_k < kb_end
-            k = tl.load(k_ptr + b * stride_kb + offs_k[None, :].to(tl.int64) * stride_kn
-                        + h * stride_kh + offs_g[:, None], mask=k_ok[None, :], other=0.0)
-            s = tl.dot(q, k, input_precision=PRECISION) * scale  # [BM, BN]
+            kt = k_base + offs_k[None, :].to(tl.int64) * stride_kn + offs_g[:, None]  # [HALF, BN]
+            k1 = tl.load(kt, mask=k_ok[None, :], other=0.0)
+            k2 = tl.load(kt + HALF, mask=k_ok[None, :], other=0.0)
+            s = tl.dot(r1, k1, input_precision=PRECISION)
+            s = tl.dot(r2, k2, acc=s, input_precision=PRECISION) * scale  # [BM, BN]
             ok = k_ok[None, :] & (offs_k[None, :] <= qb[:, None])
             s = tl.where(ok, s, float("-inf"))
             tl.store(s_row[:, None] + offs_k[None, :], s,
@@ -159,27 +190,27 @@ def block_select(
     group = hq // hkv
     dev = q_pooled.device
     # 1. projection per query head, batched per KV group: [Hkv, B*MKB', 3D] @ [Hkv, 3D, group*G]
+    #    (cuBLAS), then RoPE of the projected keys at their block starts, in place (one kernel)
     kp = k_pooled.reshape(bsz * mkbp, hkv, c3).transpose(0, 1).to(torch.float32)
     w = weight.to(torch.float32).view(hkv, group, c3, g).permute(0, 2, 1, 3).reshape(hkv, c3, -1)
-    k_proj = torch.matmul(kp, w).view(hkv, bsz, mkbp, group, g).permute(1, 2, 0, 3, 4)
-    k_proj = k_proj.reshape(bsz * mkbp, hq, g)
-    k_pos = torch.arange(mkbp, device=dev).repeat(bsz) * block_size
-    k_gate = rotate(k_proj, k_pos, inv_freq).view(bsz, mkbp, hq, g)
-    n = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    qb0 = (seq_lens.long() - n) // block_size
-    q_pos = (qb0[:, None] + torch.arange(mqb, device=dev)[None, :]) * block_size
-    q_gate = rotate(q_pooled.reshape(bsz * mqb, hq, g), q_pos.reshape(-1), inv_freq)
-    q_gate = q_gate.view(bsz, mqb, hq, g)
-    # 2. causal scores into the workspace
+    k_gate = torch.matmul(kp, w)  # [Hkv, B*MKB', group*G] contiguous
+    inv = inv_freq.to(device=dev, dtype=torch.float32)
+    rows = hkv * bsz * mkbp * group
+    br = 16 if INTERPRET else 64
+    _rope_blocks_kernel[(triton.cdiv(rows, br),)](
+        k_gate, inv, rows, mkbp, G=g, GROUP=group, BLOCK=block_size, BR=br, LIBDEVICE=not INTERPRET,
+        num_warps=4)
+    # 2. causal scores into the workspace (query RoPE at block starts inside the kernel)
     if workspace is None:
         workspace = torch.empty(bsz * hq * mqb * mkb, dtype=torch.float32, device=dev)
     bm, bn = (16, 64) if INTERPRET else (64, 64)
     _scores_kernel[(triton.cdiv(mqb, bm), bsz, hq)](
-        q_gate, k_gate, workspace, cu_seqlens_q, seq_lens,
+        q_pooled, k_gate, workspace, inv, cu_seqlens_q, seq_lens,
         1.0 / math.sqrt(g), mqb, mkb,
-        *q_gate.stride()[:3], *k_gate.stride()[:3],
-        HQ=hq, G=g, BLOCK=block_size, BM=bm, BN=bn,
-        PRECISION="ieee" if INTERPRET else "tf32x3", num_warps=4,
+        *q_pooled.stride()[:3],
+        bsz * mkbp * group * g, mkbp * group * g, group * g, g,
+        HQ=hq, GROUP=group, G=g, BLOCK=block_size, BM=bm, BN=bn,
+        PRECISION="ieee" if INTERPRET else "tf32x3", LIBDEVICE=not INTERPRET, num_warps=4,
     )
     # 3. per-row selection
     topk = sel.method == "nz_ratio"

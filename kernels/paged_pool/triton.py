@@ -16,7 +16,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+from vllm_seer.kernels.triton_common import cos_sin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -25,24 +25,6 @@ def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=1) for w in (2, 4, 8)]
-
-
-@triton.jit
-def _cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """``[R, HALF]`` cos/sin of ``pos * inv_freq`` (fp32), computed once and reused by every head."""
-    if HAS_ROPE:
-        f = tl.load(f_ptr + offs, mask=half_ok, other=0.0)
-        ang = pos.to(tl.float32)[:, None] * f[None, :]
-        if LIBDEVICE:
-            c = libdevice.cos(ang)
-            s = libdevice.sin(ang)
-        else:
-            c = tl.cos(ang)
-            s = tl.sin(ang)
-    else:  # identity rotation
-        c = 1.0
-        s = 0.0
-    return c, s
 
 
 @triton.jit
@@ -75,7 +57,7 @@ def _pool_k_kernel(
         page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE_SIZE) * stride_btp,
                        mask=ok, other=0).to(tl.int64)
         m2 = ok[:, None] & half_ok[None, :]
-        c, sn = _cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
+        c, sn = cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
         cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
         for h in range(HKV):
             base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
@@ -122,7 +104,7 @@ def _pool_q_kernel(
         offs = tl.arange(0, BLOCK_HALF)
         half_ok = offs < HALF
         m2 = ok[:, None] & half_ok[None, :]
-        c, sn = _cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
+        c, sn = cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
         cnt = tl.sum(ok.to(tl.float32), 0)
         for h in range(HQ):
             base = q_ptr + (q_lo + pos - start) * stride_qt + h * stride_qh

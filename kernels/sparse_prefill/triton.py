@@ -8,9 +8,12 @@ Launch: one program per (local query block, request, query head); grid ``(MQB, B
 the shape of ``block_index`` so no host sync is needed. Programs whose query block lies past their
 request's rows exit at once; the heaviest (last) query blocks are scheduled first. Each program
 keeps a ``[block_size, D]`` query tile in registers and walks its own list of key blocks
-(FlashAttention-2 online softmax, fp32 accumulation). The query heads of one KV group read the same
-K/V pages, which then mostly come from L2 (see the README for the trade-off against iterating the
-union of a group's lists).
+(FlashAttention-2 online softmax, fp32 accumulation). Lists are ascending and causal, so every
+entry but a final diagonal one is a complete block entirely in the past of the tile: those run
+without any mask (no causal compare, unmasked vectorised K/V loads) and only the diagonal block is
+masked. K is read straight into a ``[D, block]`` tile (no transpose). The query heads of one KV
+group read the same K/V pages, which then mostly come from L2 (see the README for the trade-off
+against iterating the union of a group's lists).
 """
 
 from __future__ import annotations
@@ -28,6 +31,62 @@ def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
+@triton.jit
+def _attend(q, acc, m_i, l_i, kb, b, pos_q, seq_len, qk_scale,
+            k_ptr, v_ptr, bt_ptr, offs_k, offs_d,
+            stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd, stride_btb, stride_btp,
+            kvh_off_k, kvh_off_v,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+            BLOCK: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One key block of the online softmax: returns the updated ``(acc, m_i, l_i)``.
+
+    ``MASKED`` only for the diagonal block: off-diagonal blocks of an ascending causal list are
+    complete and entirely in the past of every query row, so they need neither mask.
+    """
+    pos_k = kb * BLOCK + offs_k  # [BLOCK]
+    if MASKED:  # the diagonal block may run past the request's last page
+        page = tl.load(bt_ptr + b * stride_btb + (pos_k // PAGE_SIZE) * stride_btp,
+                       mask=pos_k < seq_len, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_ptr + b * stride_btb + (pos_k // PAGE_SIZE) * stride_btp).to(tl.int64)
+    slot = pos_k % PAGE_SIZE
+    # K^T tile [BLOCK_D, BLOCK] read straight from the cache; V tile [BLOCK, BLOCK_D]
+    kt_ptrs = (k_ptr + kvh_off_k + page[None, :] * stride_kp + slot[None, :] * stride_kt
+               + offs_d[:, None] * stride_kd)
+    v_ptrs = (v_ptr + kvh_off_v + page[:, None] * stride_vp + slot[:, None] * stride_vt
+              + offs_d[None, :] * stride_vd)
+    if MASKED:
+        k_ok = pos_k < seq_len
+        if HEAD_DIM == BLOCK_D:
+            kt = tl.load(kt_ptrs, mask=k_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            d_ok = offs_d < HEAD_DIM
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            d_ok = offs_d < HEAD_DIM
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt) * qk_scale  # [BLOCK, BLOCK], log2 domain
+    if MASKED:
+        ok = (pos_k[None, :] < seq_len) & (pos_k[None, :] <= pos_q[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "GROUP", "PAGE_SIZE", "BLOCK"])
@@ -57,7 +116,8 @@ def _sparse_prefill_kernel(
     nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
     if j < nqb:
         kvh = h // GROUP
-        pos_q = (qb0 + j) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] absolute positions
+        qb = qb0 + j
+        pos_q = qb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] absolute positions
         row_ok = (pos_q >= start) & (pos_q < seq_len)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
@@ -74,33 +134,24 @@ def _sparse_prefill_kernel(
         count = tl.load(cnt_ptr + row)
         list_ptr = idx_ptr + row.to(tl.int64) * MKB
         offs_k = tl.arange(0, BLOCK)
-        for i in range(0, count):
+        # lists are ascending and causal: only a last entry equal to the diagonal needs masks
+        last = tl.load(list_ptr + tl.maximum(count - 1, 0))
+        n_full = tl.where((count > 0) & (last >= qb), count - 1, count)
+        for i in range(0, n_full):
             kb = tl.load(list_ptr + i).to(tl.int64)
-            pos_k = kb * BLOCK + offs_k  # [BLOCK]
-            k_ok = (pos_k < seq_len) & (pos_k >= 0)
-            page = tl.load(bt_ptr + b * stride_btb + (pos_k // PAGE_SIZE) * stride_btp,
-                           mask=k_ok, other=0).to(tl.int64)
-            slot = pos_k % PAGE_SIZE
-            k_ptrs = (k_ptr + page[:, None] * stride_kp + slot[:, None] * stride_kt
-                      + kvh * stride_kh + offs_d[None, :] * stride_kd)  # [BLOCK, BLOCK_D]
-            kt = tl.trans(tl.load(k_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0))
-            if DOT_FP32:
-                kt = kt.to(tl.float32)
-            s = tl.dot(q, kt) * qk_scale  # [BLOCK, BLOCK]
-            ok = k_ok[None, :] & (pos_k[None, :] <= pos_q[:, None])
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_ptrs = (v_ptr + page[:, None] * stride_vp + slot[:, None] * stride_vt
-                      + kvh * stride_vh + offs_d[None, :] * stride_vd)  # [BLOCK, BLOCK_D]
-            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            acc, m_i, l_i = _attend(
+                q, acc, m_i, l_i, kb, b, pos_q, seq_len, qk_scale,
+                k_ptr, v_ptr, bt_ptr, offs_k, offs_d,
+                stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd,
+                stride_btb, stride_btp, kvh * stride_kh, kvh * stride_vh,
+                HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK, False, DOT_FP32)
+        if n_full < count:
+            acc, m_i, l_i = _attend(
+                q, acc, m_i, l_i, last.to(tl.int64), b, pos_q, seq_len, qk_scale,
+                k_ptr, v_ptr, bt_ptr, offs_k, offs_d,
+                stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd,
+                stride_btb, stride_btp, kvh * stride_kh, kvh * stride_vh,
+                HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK, True, DOT_FP32)
         # a row without any allowed key (count == 0) is written as zeros, not NaN
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od
