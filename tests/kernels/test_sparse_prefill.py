@@ -71,3 +71,24 @@ def test_sparse_prefill_leaves_foreign_rows() -> None:
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
 def test_sparse_prefill_gpu(case: tuple, dtype: torch.dtype) -> None:
     _run(case, dtype)
+
+
+def test_sparse_prefill_lists_without_diagonal() -> None:
+    """Rows whose list lacks the diagonal block (every entry is a full past block) and empty rows."""
+    lens, n_new, hq, bs = [200, 130], [140, 130], 2, 64
+    batch = make_batch(lens, n_new, hq, 1, 64, 16, torch.float16, "token", DEVICE)
+    masks = random_block_masks(lens, n_new, hq, bs, 0.7, DEVICE)
+    for L, n, m in zip(lens, n_new, masks, strict=True):
+        qb = (L - n) // bs + torch.arange(m.shape[1], device=DEVICE)
+        m[0, torch.arange(m.shape[1], device=DEVICE), qb] = False  # head 0: no diagonal
+    masks[1][1, 0] = False  # an empty row: written as zeros
+    index, count = masks_to_block_lists(masks, max(-(-L // bs) for L in lens))
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu_seqlens_q,
+            batch.seq_lens, index, count)
+    from vllm_seer.kernels.sparse_prefill import sparse_prefill_paged
+
+    ref = sparse_prefill_paged_ref(*args, torch.full_like(batch.q, float("nan")), 0.125, bs)
+    out = sparse_prefill_paged(*args, torch.full_like(batch.q, float("nan")), 0.125, bs)
+    live = torch.isfinite(ref)  # the reference leaves rows without any key as NaN
+    torch.testing.assert_close(out.float()[live], ref.float()[live], rtol=2e-2, atol=2e-2)
+    assert (out[~live] == 0).all() and (~live).any()

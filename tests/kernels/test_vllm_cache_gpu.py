@@ -1,0 +1,81 @@
+"""The kernels over a KV cache that vLLM itself allocated and wrote (GPU test host, vLLM bundle).
+
+vLLM's FlashAttention backend gives the cache shape (and physical stride order), its
+``reshape_and_cache_flash`` op writes K/V through a slot mapping derived from the block table, and
+the Seer kernels then read it through :func:`vllm_seer.backend.compat.cuda_kv_views`. References run
+on the same K/V written by the tests' own builder (``_paged.make_batch``); unwritten cache slots
+are NaN, so a read outside a request's tokens shows up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _paged import make_batch, random_block_masks
+
+pytestmark = pytest.mark.gpu
+
+
+def _vllm_cache(batch, hkv: int, d: int, page: int, dtype: torch.dtype) -> torch.Tensor:
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    n_pages = batch.k_cache.shape[0]
+    shape = FlashAttentionBackend.get_kv_cache_shape(n_pages, page, hkv, d)
+    try:
+        order = tuple(FlashAttentionBackend.get_kv_cache_stride_order())
+    except (AttributeError, NotImplementedError):
+        order = tuple(range(len(shape)))
+    physical = torch.full([shape[i] for i in order], float("nan"), dtype=dtype, device="cuda")
+    kv = physical.permute(*[order.index(i) for i in range(len(shape))])  # logical view
+    if kv.dim() != 5:
+        pytest.skip(f"this vLLM's FlashAttention cache is {tuple(shape)}; test written for "
+                    "[2, blocks, page, Hkv, D] (vLLM 0.26)")
+    key_cache, value_cache = kv.unbind(0)  # what FlashAttentionImpl hands to the cache writer
+    for b, L in enumerate(batch.seq_lens.tolist()):
+        t = torch.arange(L, device="cuda")
+        slots = batch.block_table[b, t // page].long() * page + t % page
+        k = batch.k_cache.reshape(-1, hkv, d)[slots]
+        v = batch.v_cache.reshape(-1, hkv, d)[slots]
+        scale = torch.ones((), dtype=torch.float32, device="cuda")
+        ops.reshape_and_cache_flash(k, v, key_cache, value_cache, slots, "auto", scale, scale)
+    return kv
+
+
+@pytest.mark.parametrize("page", [16, 64])
+def test_kernels_read_the_cache_vllm_wrote(page: int) -> None:
+    from vllm_seer.kernels.paged_pool import pool_k_paged, pool_k_paged_ref
+    from vllm_seer.kernels.sparse_prefill import (
+        masks_to_block_lists,
+        sparse_prefill_paged,
+        sparse_prefill_paged_ref,
+    )
+
+    from vllm_seer.backend.compat import cuda_kv_views
+    from vllm_seer.rope import RopeSpec
+
+    lens, n_new, hq, hkv, d, bs = [5000, 1300], [1200, 1300], 32, 8, 128, 64
+    dtype = torch.bfloat16
+    batch = make_batch(lens, n_new, hq, hkv, d, page, dtype, "token", "cuda")
+    kv = _vllm_cache(batch, hkv, d, page, dtype)
+    k_cache, v_cache = cuda_kv_views(kv, d)
+    assert k_cache.shape == batch.k_cache.shape
+
+    inv = RopeSpec(d, 500000.0).inv_freq().cuda()
+    mkb = max(-(-L // bs) for L in lens)
+    k_ref = torch.full((len(lens), mkb, hkv, 3 * d), float("nan"), device="cuda")
+    k_out = k_ref.clone()
+    pool_k_paged_ref(batch.k_cache, batch.block_table, batch.seq_lens, inv, k_ref, bs)
+    pool_k_paged(k_cache, batch.block_table, batch.seq_lens, inv, k_out, bs)
+    torch.testing.assert_close(k_out, k_ref, rtol=1e-4, atol=1e-4)
+
+    index, count = masks_to_block_lists(random_block_masks(lens, n_new, hq, bs, 0.3, "cuda"), mkb)
+    args = (batch.block_table, batch.cu_seqlens_q, batch.seq_lens, index, count)
+    scale = 1.0 / math.sqrt(d)
+    ref = sparse_prefill_paged_ref(batch.q, batch.k_cache, batch.v_cache, *args,
+                                   torch.full_like(batch.q, float("nan")), scale, bs)
+    out = sparse_prefill_paged(batch.q, k_cache, v_cache, *args,
+                               torch.full_like(batch.q, float("nan")), scale, bs)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
