@@ -28,31 +28,34 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    """``PAIR``: key blocks per inner iteration (2 = two list entries gathered into one 128-wide
+    key tile: wider tensor-core dots and half the online-softmax rescales)."""
+    if INTERPRET:  # PAIR 2 exercises the pair loop, the odd single block and the diagonal
+        return [triton.Config({"PAIR": 2}, num_warps=4, num_stages=1)]
+    return [triton.Config({"PAIR": p}, num_warps=w, num_stages=s)
+            for p in (1, 2) for w in (4, 8) for s in (2, 3)]
 
 
 @triton.jit
-def _attend(q, acc, m_i, l_i, kb, b, pos_q, seq_len, qk_scale,
-            k_ptr, v_ptr, bt_ptr, offs_k, offs_d,
+def _attend(q, acc, m_i, l_i, pos_k, b, pos_q, seq_len, qk_scale,
+            k_ptr, v_ptr, bt_ptr, offs_d,
             stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd, stride_btb, stride_btp,
             kvh_off_k, kvh_off_v,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
             BLOCK: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One key block of the online softmax: returns the updated ``(acc, m_i, l_i)``.
+    """One key tile (``pos_k``: ``[N]`` absolute key positions, one or two gate blocks) of the
+    online softmax: returns the updated ``(acc, m_i, l_i)``.
 
     ``MASKED`` only for the diagonal block: off-diagonal blocks of an ascending causal list are
     complete and entirely in the past of every query row, so they need neither mask.
     """
-    pos_k = kb * BLOCK + offs_k  # [BLOCK]
     if MASKED:  # the diagonal block may run past the request's last page
         page = tl.load(bt_ptr + b * stride_btb + (pos_k // PAGE_SIZE) * stride_btp,
                        mask=pos_k < seq_len, other=0).to(tl.int64)
     else:
         page = tl.load(bt_ptr + b * stride_btb + (pos_k // PAGE_SIZE) * stride_btp).to(tl.int64)
     slot = pos_k % PAGE_SIZE
-    # K^T tile [BLOCK_D, BLOCK] read straight from the cache; V tile [BLOCK, BLOCK_D]
+    # K^T tile [BLOCK_D, N] read straight from the cache; V tile [N, BLOCK_D]
     kt_ptrs = (k_ptr + kvh_off_k + page[None, :] * stride_kp + slot[None, :] * stride_kt
                + offs_d[:, None] * stride_kd)
     v_ptrs = (v_ptr + kvh_off_v + page[:, None] * stride_vp + slot[:, None] * stride_vt
@@ -77,7 +80,7 @@ def _attend(q, acc, m_i, l_i, kb, b, pos_q, seq_len, qk_scale,
     if DOT_FP32:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, kt) * qk_scale  # [BLOCK, BLOCK], log2 domain
+    s = tl.dot(q, kt) * qk_scale  # [BLOCK, N], log2 domain
     if MASKED:
         ok = (pos_k[None, :] < seq_len) & (pos_k[None, :] <= pos_q[:, None])
         s = tl.where(ok, s, float("-inf"))
@@ -89,7 +92,7 @@ def _attend(q, acc, m_i, l_i, kb, b, pos_q, seq_len, qk_scale,
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "GROUP", "PAGE_SIZE", "BLOCK"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"])
 @triton.jit(do_not_specialize=["MQB", "MKB"])
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
@@ -102,7 +105,7 @@ def _sparse_prefill_kernel(
     stride_ot, stride_oh, stride_od,
     stride_btb, stride_btp,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, PAIR: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
     j = MQB - 1 - tl.program_id(0)
@@ -137,21 +140,32 @@ def _sparse_prefill_kernel(
         # lists are ascending and causal: only a last entry equal to the diagonal needs masks
         last = tl.load(list_ptr + tl.maximum(count - 1, 0))
         n_full = tl.where((count > 0) & (last >= qb), count - 1, count)
-        for i in range(0, n_full):
-            kb = tl.load(list_ptr + i).to(tl.int64)
-            acc, m_i, l_i = _attend(
-                q, acc, m_i, l_i, kb, b, pos_q, seq_len, qk_scale,
-                k_ptr, v_ptr, bt_ptr, offs_k, offs_d,
-                stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd,
-                stride_btb, stride_btp, kvh * stride_kh, kvh * stride_vh,
-                HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK, False, DOT_FP32)
+        kv_args = (k_ptr, v_ptr, bt_ptr, offs_d, stride_kp, stride_kt, stride_kd, stride_vp,
+                   stride_vt, stride_vd, stride_btb, stride_btp, kvh * stride_kh, kvh * stride_vh)
+        if PAIR == 2:
+            offs_n = tl.arange(0, 2 * BLOCK)
+            for i in range(0, n_full - 1, 2):
+                kb0 = tl.load(list_ptr + i).to(tl.int64)
+                kb1 = tl.load(list_ptr + i + 1).to(tl.int64)
+                pos_k = tl.where(offs_n < BLOCK, kb0, kb1) * BLOCK + offs_n % BLOCK
+                acc, m_i, l_i = _attend(q, acc, m_i, l_i, pos_k, b, pos_q, seq_len, qk_scale,
+                                        *kv_args, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK, False,
+                                        DOT_FP32)
+            if n_full % 2 == 1:
+                kb = tl.load(list_ptr + n_full - 1).to(tl.int64)
+                acc, m_i, l_i = _attend(q, acc, m_i, l_i, kb * BLOCK + offs_k, b, pos_q, seq_len,
+                                        qk_scale, *kv_args, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK,
+                                        False, DOT_FP32)
+        else:
+            for i in range(0, n_full):
+                kb = tl.load(list_ptr + i).to(tl.int64)
+                acc, m_i, l_i = _attend(q, acc, m_i, l_i, kb * BLOCK + offs_k, b, pos_q, seq_len,
+                                        qk_scale, *kv_args, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK,
+                                        False, DOT_FP32)
         if n_full < count:
-            acc, m_i, l_i = _attend(
-                q, acc, m_i, l_i, last.to(tl.int64), b, pos_q, seq_len, qk_scale,
-                k_ptr, v_ptr, bt_ptr, offs_k, offs_d,
-                stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd,
-                stride_btb, stride_btp, kvh * stride_kh, kvh * stride_vh,
-                HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK, True, DOT_FP32)
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, last.to(tl.int64) * BLOCK + offs_k, b, pos_q,
+                                    seq_len, qk_scale, *kv_args, HEAD_DIM, BLOCK_D, PAGE_SIZE,
+                                    BLOCK, True, DOT_FP32)
         # a row without any allowed key (count == 0) is written as zeros, not NaN
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od

@@ -1,0 +1,87 @@
+"""Compile the Seer Triton kernels for a GPU target without a GPU and report their resources.
+
+Triton's NVIDIA backend (shipped in the ``triton`` wheel with ``ptxas``) compiles for any target
+on a CPU-only machine, so register pressure, spills (stack), shared memory and whether the dots
+became Hopper ``wgmma`` can be checked before spending GPU time. Example::
+
+    python benchmarks/kernel_resources.py --arch 90 --head-dim 128
+
+Prints one line per autotune config of the sparse prefill kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16",
+            "bt_ptr": "*i32", "cu_ptr": "*i32", "lens_ptr": "*i32", "idx_ptr": "*i32",
+            "cnt_ptr": "*i32"}
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    bindir = Path(triton.__file__).parent / "backends/nvidia/bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(bindir / "cuobjdump"), "-res-usage", f.name], check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.Config) -> dict:
+    """Compile ``_sparse_prefill_kernel`` for ``sm_<arch>``; resources of the cubin."""
+    from vllm_seer.kernels.sparse_prefill import triton as sp
+
+    fn = sp._sparse_prefill_kernel.fn
+    const = dict(HQ=32, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+                 PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, **config.kwargs)
+    const.update(dict.fromkeys(UNIT_STRIDES, 1))
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        # what launching with real tensors specialises: 16-byte aligned pointers, strides that
+        # are multiples of 16 (all but the unit ones, which are constants)
+        if n in POINTERS or (n.startswith("stride") and n not in UNIT_STRIDES):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        if n in POINTERS:
+            sig[n] = POINTERS[n]
+        elif n in const:
+            sig[n] = "constexpr"
+        elif n == "scale":
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i64" if n.startswith("stride") else "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    res = _resources(k.asm["cubin"])
+    res["smem_dyn"] = k.metadata.shared
+    res["wgmma"] = k.asm["ptx"].count("wgmma.mma_async")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page", type=int, default=16)
+    args = ap.parse_args()
+    from vllm_seer.kernels.sparse_prefill import triton as sp
+
+    for cfg in sp._sparse_prefill_kernel.configs:
+        r = compile_sparse_prefill(args.arch, args.head_dim, args.page, cfg)
+        print(f"sm_{args.arch} d={args.head_dim} page={args.page} {cfg.kwargs} "
+              f"warps={cfg.num_warps} stages={cfg.num_stages}: regs {r['REG']} stack {r['STACK']} "
+              f"smem {r['smem_dyn']} wgmma {r['wgmma']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
