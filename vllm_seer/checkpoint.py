@@ -3,8 +3,11 @@
 A checkpoint folder holds ``config.json`` (the base model's config plus ``base_model`` and the
 ``seerattn_*`` fields) and the weights, either ``attn_gate_weights.pth`` (upstream: a ``torch.save``
 dict with keys ``model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight``, each
-``[Hq, 3 * head_dim, gate_hidden]``) or ``gates.safetensors`` (same keys). Loading is strict: every
-missing, extra or mis-shaped tensor is an error that names it.
+``[Hq, 3 * head_dim, gate_hidden]``) or ``gates.safetensors`` (same keys). Loading is strict: an
+unreadable file, a ``config.json`` with a missing or ill-typed field, every missing, extra or
+mis-shaped tensor, a non-float tensor and a NaN or Inf weight is an error that names the file and the
+key. ``.pth`` files are read with ``torch.load(weights_only=True)``: a pickle that names anything but
+tensors and plain containers is refused, never executed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CONFIG_FILE = "config.json"
@@ -24,6 +28,7 @@ SAFETENSORS_FILE = "gates.safetensors"
 KEY_TEMPLATE = "model.layers.{}.self_attn.attn_gate.mask_linear_k.weight"
 _KEY_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.attn_gate\.mask_linear_k\.weight$")
 SUPPORTED_GATE_TYPES = ("Qavg_Kmaxminavg",)
+GATE_BLOCK_SIZES = (16, 32, 64, 128)  # a power of two: it is the Triton kernels' tile
 
 
 class GateCheckpointError(ValueError):
@@ -107,20 +112,92 @@ def seer_config_fields(method: str = "threshold", threshold: float = 5e-4, nz_ra
     }
 
 
-def load_gates(path: str | Path) -> GateCheckpoint:
-    """Load and validate a gate checkpoint folder (upstream ``.pth`` or ``gates.safetensors``)."""
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """Read and check a gate checkpoint's ``config.json`` (without loading the weights).
+
+    Raises:
+        GateCheckpointError: the folder or file is missing or unreadable, the file is not a JSON
+            object, or a field the loader needs is missing or has the wrong type or value.
+    """
     folder = Path(path)
-    if not folder.is_dir():
-        raise GateCheckpointError(f"gate checkpoint {folder}: not a folder")
     cfg_path = folder / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise GateCheckpointError(f"gate checkpoint {folder}: no {CONFIG_FILE}")
     try:
-        config = json.loads(cfg_path.read_text())
+        if not folder.is_dir():
+            raise GateCheckpointError(f"gate checkpoint {folder}: not a folder")
+        if not cfg_path.is_file():
+            raise GateCheckpointError(f"gate checkpoint {folder}: no {CONFIG_FILE} (expected the "
+                                      "base model's config plus base_model and seerattn_* fields)")
+        text = cfg_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GateCheckpointError(f"gate checkpoint {folder}: cannot read {CONFIG_FILE} "
+                                  f"({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise GateCheckpointError(f"{cfg_path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    try:
+        config = json.loads(text)
     except json.JSONDecodeError as e:
         raise GateCheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
     if not isinstance(config, dict):
-        raise GateCheckpointError(f"{cfg_path}: expected a JSON object")
+        raise GateCheckpointError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    _check_config(config, cfg_path)
+    return config
+
+
+def _check_config(config: dict[str, Any], cfg_path: Path) -> None:
+    """The fields the loader and the backend rely on, with their types and ranges."""
+    _positive_int(config, "num_hidden_layers", cfg_path)
+    heads = _positive_int(config, "num_attention_heads", cfg_path)
+    kv = _optional_positive_int(config, "num_key_value_heads", cfg_path)
+    if kv is not None and heads % kv:
+        raise GateCheckpointError(f"{cfg_path}: num_attention_heads={heads} is not a multiple of "
+                                  f"num_key_value_heads={kv}")
+    head_dim = _optional_positive_int(config, "head_dim", cfg_path)
+    if head_dim is None:
+        hidden = _positive_int(config, "hidden_size", cfg_path)
+        if hidden % heads:
+            raise GateCheckpointError(f"{cfg_path}: no head_dim, and hidden_size={hidden} is not a "
+                                      f"multiple of num_attention_heads={heads}")
+        head_dim = hidden // heads
+    gate_hidden = _optional_positive_int(config, "seerattn_gate_hidden_size", cfg_path)
+    if gate_hidden is not None and gate_hidden != head_dim:
+        raise GateCheckpointError(f"{cfg_path}: seerattn_gate_hidden_size={gate_hidden} must equal "
+                                  f"head_dim={head_dim} (the Qavg gate has no query projection)")
+    gate_type = config.get("seerattn_gate_type", "Qavg_Kmaxminavg")
+    if gate_type not in SUPPORTED_GATE_TYPES:
+        raise GateCheckpointError(f"{cfg_path}: seerattn_gate_type={gate_type!r} is not supported "
+                                  f"(expected one of {SUPPORTED_GATE_TYPES})")
+    block = config.get("seerattn_gate_block_size", 64)
+    if isinstance(block, bool) or block not in GATE_BLOCK_SIZES:
+        raise GateCheckpointError(f"{cfg_path}: seerattn_gate_block_size={block!r} is not supported "
+                                  f"(expected one of {list(GATE_BLOCK_SIZES)}; released gates use 64)")
+    base = config.get("base_model")
+    if not isinstance(base, str) or not base:
+        raise GateCheckpointError(f"{cfg_path}: missing required key 'base_model' (the model the "
+                                  f"gates were trained for, a non-empty string), got {base!r}")
+
+
+def _positive_int(config: dict[str, Any], key: str, cfg_path: Path) -> int:
+    """``config[key]``, required to be an integer > 0."""
+    value = _optional_positive_int(config, key, cfg_path)
+    if value is None:
+        raise GateCheckpointError(f"{cfg_path}: missing required key {key!r} (a positive integer)")
+    return value
+
+
+def _optional_positive_int(config: dict[str, Any], key: str, cfg_path: Path) -> int | None:
+    """``config[key]`` checked to be an integer > 0; ``None`` when absent or null."""
+    value = config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise GateCheckpointError(f"{cfg_path}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def load_gates(path: str | Path) -> GateCheckpoint:
+    """Load and validate a gate checkpoint folder (upstream ``.pth`` or ``gates.safetensors``)."""
+    folder = Path(path)
+    config = read_checkpoint_config(folder)
     raw, source = _read_tensors(folder)
     ckpt = GateCheckpoint(weights={}, config=config, path=folder)
     ckpt.weights = _validate(raw, ckpt, source)
@@ -129,13 +206,19 @@ def load_gates(path: str | Path) -> GateCheckpoint:
 
 def _read_tensors(folder: Path) -> tuple[dict[str, Any], Path]:
     st, pth = folder / SAFETENSORS_FILE, folder / PTH_FILE
-    if st.is_file():
-        return load_file(str(st)), st
+    if st.is_file():  # preferred when both exist; a bad one is an error, never a silent fallback
+        try:
+            return load_file(str(st)), st
+        except (SafetensorError, OSError) as e:
+            raise GateCheckpointError(f"{st}: cannot be read as a safetensors file (truncated or "
+                                      f"not safetensors?) ({e})") from e
     if pth.is_file():
         try:
             raw = torch.load(pth, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a bad pickle; re-raise named
-            raise GateCheckpointError(f"{pth}: cannot be read as a weights-only torch file ({e})") from e
+            why = " ".join(str(e).split())  # torch's messages span several lines
+            raise GateCheckpointError(f"{pth}: cannot be read as a weights-only torch file "
+                                      f"(truncated, or it holds objects other than tensors) ({why})") from e
         if not isinstance(raw, dict):
             raise GateCheckpointError(f"{pth}: expected a dict of tensors, got {type(raw).__name__}")
         return raw, pth
@@ -143,24 +226,19 @@ def _read_tensors(folder: Path) -> tuple[dict[str, Any], Path]:
 
 
 def _validate(raw: dict[str, Any], ckpt: GateCheckpoint, source: Path) -> dict[int, torch.Tensor]:
-    if ckpt.gate_type not in SUPPORTED_GATE_TYPES:
-        raise GateCheckpointError(
-            f"{ckpt.path / CONFIG_FILE}: seerattn_gate_type={ckpt.gate_type!r} is not supported "
-            f"(expected one of {SUPPORTED_GATE_TYPES})"
-        )
-    if ckpt.gate_hidden != ckpt.head_dim:
-        raise GateCheckpointError(
-            f"{ckpt.path / CONFIG_FILE}: seerattn_gate_hidden_size={ckpt.gate_hidden} must equal "
-            f"head_dim={ckpt.head_dim} (the Qavg gate has no query projection)"
-        )
     expected = (ckpt.num_q_heads, 3 * ckpt.head_dim, ckpt.gate_hidden)
     weights: dict[int, torch.Tensor] = {}
     for key, value in raw.items():
-        m = _KEY_RE.match(key)
+        m = _KEY_RE.match(key) if isinstance(key, str) else None
         if m is None:
-            raise GateCheckpointError(f"{source}: unexpected tensor {key!r}")
+            raise GateCheckpointError(f"{source}: unexpected tensor {key!r} (expected only keys "
+                                      f"{KEY_TEMPLATE.format('{i}')})")
         if not isinstance(value, torch.Tensor):
-            raise GateCheckpointError(f"{source}: {key!r} is not a tensor")
+            raise GateCheckpointError(f"{source}: {key!r} is not a tensor "
+                                      f"(got {type(value).__name__})")
+        if not value.is_floating_point():
+            raise GateCheckpointError(f"{source}: {key!r} has dtype {value.dtype}, expected a "
+                                      "floating-point tensor")
         layer = int(m.group(1))
         if layer >= ckpt.num_layers:
             raise GateCheckpointError(
@@ -171,6 +249,10 @@ def _validate(raw: dict[str, Any], ckpt: GateCheckpoint, source: Path) -> dict[i
                 f"{source}: {key!r} has shape {list(value.shape)}, expected {list(expected)} "
                 "[num_attention_heads, 3*head_dim, seerattn_gate_hidden_size]"
             )
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise GateCheckpointError(f"{source}: {key!r} has {bad} NaN or Inf value(s); gate "
+                                      "weights must be finite")
         weights[layer] = value
     missing = [KEY_TEMPLATE.format(i) for i in range(ckpt.num_layers) if i not in weights]
     if missing:

@@ -8,6 +8,7 @@ naming the setting, so a bad flag stops the server at start-up.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,16 +82,19 @@ class SeerConfig:
         source = _expect(raw, "gates", str)
         folder = resolve_gates(source)
         if checkpoint_config is None:
-            from vllm_seer.checkpoint import load_gates
+            from vllm_seer.checkpoint import read_checkpoint_config
 
-            checkpoint_config = load_gates(folder).config
+            checkpoint_config = read_checkpoint_config(folder)
         merged = {k: checkpoint_config[f] for k, (f, _) in KEYS.items() if f and f in checkpoint_config}
+        # a bad default from the checkpoint names the file and field it came from
+        origin = {k: f" (from {folder / 'config.json'} {KEYS[k][0]!r})" for k in merged if k not in raw}
         merged.update({k: v for k, v in raw.items() if k != "gates"})
         selection = Selection(
-            method=_choice(merged, "sparsity_method", SPARSITY_METHODS, "threshold"),
-            threshold=_number(merged, "threshold", 5e-4, lo=0.0, hi=1.0, lo_open=True, hi_open=True),
-            nz_ratio=_number(merged, "nz_ratio", 0.1, lo=0.0, hi=1.0, lo_open=True),
-            last_block_dense=_flag(merged, "last_block_dense", True),
+            method=_choice(merged, "sparsity_method", SPARSITY_METHODS, "threshold", origin),
+            threshold=_number(merged, "threshold", 5e-4, origin, lo=0.0, hi=1.0, lo_open=True,
+                              hi_open=True),
+            nz_ratio=_number(merged, "nz_ratio", 0.1, origin, lo=0.0, hi=1.0, lo_open=True),
+            last_block_dense=_flag(merged, "last_block_dense", True, origin),
         )
         min_tokens = merged.get("min_prefill_tokens", DEFAULT_MIN_PREFILL_TOKENS)
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
@@ -125,21 +129,33 @@ def resolve_gates(source: str) -> Path:
     """A local folder as is; otherwise a hub id fetched with ``huggingface_hub`` (offline-aware:
     with ``HF_HUB_OFFLINE=1`` only the local hub cache is used)."""
     path = Path(source).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    try:
+        if path.is_dir():
+            return path.resolve()
+        exists = path.exists()
+    except OSError as e:  # e.g. a parent folder without search permission
+        raise SeerConfigError(f"seer setting 'gates': cannot access {source!r} "
+                              f"({e.strerror or e})") from e
+    if exists:
+        raise SeerConfigError(f"seer setting 'gates': {source!r} is a file, expected a folder "
+                              "holding config.json and the gate weights (or a hub id 'owner/name')")
+    if not source or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise SeerConfigError(f"seer setting 'gates': {source!r} is not a folder and not a hub id "
                               "of the form 'owner/name'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         return Path(snapshot_download(source, local_files_only=offline,
                                       allow_patterns=["config.json", "*.pth", "*.safetensors"]))
+    except HFValidationError as e:
+        raise SeerConfigError(f"seer setting 'gates': {source!r} is not a folder and not a valid hub id "
+                              f"({e})") from e
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         mode = "offline (HF_HUB_OFFLINE=1), not in the local hub cache" if offline else str(e)
-        raise SeerConfigError(f"seer setting 'gates': cannot get hub repo {source!r}: {mode}") from e
+        raise SeerConfigError(f"seer setting 'gates': no local folder {source!r}, and cannot get "
+                              f"hub repo {source!r}: {mode}") from e
 
 
 def _expect(raw: dict[str, Any], key: str, typ: type) -> Any:
@@ -149,29 +165,35 @@ def _expect(raw: dict[str, Any], key: str, typ: type) -> Any:
     return value
 
 
-def _choice(m: dict[str, Any], key: str, options: tuple[str, ...], default: str) -> str:
+def _choice(m: dict[str, Any], key: str, options: tuple[str, ...], default: str,
+            origin: dict[str, str]) -> str:
     value = m.get(key, default)
     if value not in options:
-        raise SeerConfigError(f"seer setting {key!r} must be one of {list(options)}, got {value!r}")
+        raise SeerConfigError(f"seer setting {key!r} must be one of {list(options)}, got {value!r}"
+                              f"{origin.get(key, '')}")
     return str(value)
 
 
-def _flag(m: dict[str, Any], key: str, default: bool) -> bool:
+def _flag(m: dict[str, Any], key: str, default: bool, origin: dict[str, str]) -> bool:
     value = m.get(key, default)
     if not isinstance(value, bool):
-        raise SeerConfigError(f"seer setting {key!r} must be true or false, got {value!r}")
+        raise SeerConfigError(f"seer setting {key!r} must be true or false, got {value!r}"
+                              f"{origin.get(key, '')}")
     return value
 
 
-def _number(m: dict[str, Any], key: str, default: float, *, lo: float, hi: float,
-            lo_open: bool = False, hi_open: bool = False) -> float:
+def _number(m: dict[str, Any], key: str, default: float, origin: dict[str, str], *, lo: float,
+            hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite number in the interval; NaN and Inf (which JSON parsers accept) are refused."""
     value = m.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SeerConfigError(f"seer setting {key!r} must be a number, got {value!r}")
+        raise SeerConfigError(f"seer setting {key!r} must be a number, got {value!r}"
+                              f"{origin.get(key, '')}")
     v = float(value)
     below = v <= lo if lo_open else v < lo
     above = v >= hi if hi_open else v > hi
-    if below or above:
+    if below or above or not math.isfinite(v):
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise SeerConfigError(f"seer setting {key!r} must be in {interval}, got {value!r}")
+        raise SeerConfigError(f"seer setting {key!r} must be in {interval}, got {value!r}"
+                              f"{origin.get(key, '')}")
     return v

@@ -21,12 +21,10 @@ from vllm_seer.gate import gate_mask
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
 from vllm_seer.metrics import WorkerStats
 from vllm_seer.rope import RopeSpec
+from vllm_seer.validate import SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
