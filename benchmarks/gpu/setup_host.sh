@@ -3,10 +3,9 @@
 # puts vLLM 0.26 (the bundle) and this package (with its entry points) on the path.
 set -u
 . /tmp/vsite/env.sh
-if [[ ! -f /tmp/vsite/.seer-installed ]]; then
-  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/vsite . \
-    && touch /tmp/vsite/.seer-installed
-fi
+# every call: the working tree of this call may differ from the last one's
+rm -rf /tmp/vsite/vllm_seer /tmp/vsite/vllm_seer-*.dist-info
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/vsite . 2>&1 | grep -v WARNING
 # the source tree's vllm_seer must see the kernels too (pytest imports it from the repo root)
 [[ -e vllm_seer/kernels ]] || ln -s ../kernels vllm_seer/kernels
 export REPO=$PWD PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
