@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,11 @@ from vllm_seer.gate import SPARSITY_METHODS, Selection
 logger = logging.getLogger(__name__)
 
 ADDITIONAL_CONFIG_KEY = "seer"
-DEFAULT_MIN_PREFILL_TOKENS = 2048
+# default of ``min_prefill_tokens`` per device type. On CUDA, measured on an H100 (vLLM 0.26,
+# Llama-3.1-8B shapes, benchmarks/results/e2e-ttft-h100.md): an 8k prefill is ~0.88x as fast on the
+# Seer path as on FlashAttention 3 (gate and launch overhead exceed the saving), a 32k one 1.25x as
+# fast, so steps whose context is under 16k tokens stay on FlashAttention
+DEFAULT_MIN_PREFILL_TOKENS = {"cpu": 2048, "cuda": 16384}
 
 # key -> (checkpoint config.json field or None, documentation)
 KEYS: dict[str, tuple[str | None, str]] = {
@@ -28,7 +32,8 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "threshold": ("seerattn_threshold", "keep key blocks whose gate probability > threshold, (0, 1)"),
     "nz_ratio": ("seerattn_nz_ratio", "target density of the causal block triangle, (0, 1]"),
     "last_block_dense": ("seerattn_last_block_dense", "last two query-block rows of a step dense"),
-    "min_prefill_tokens": (None, "prefills whose context is shorter stay on the dense path (>= 0)"),
+    "min_prefill_tokens": (None, "prefills whose context is shorter stay on the dense path (>= 0; "
+                                 "default 2048 on CPU, 16384 on CUDA)"),
     "dense_layers": (None, "list of layer indices that always stay dense"),
 }
 
@@ -45,14 +50,15 @@ class SeerConfig:
         gates: resolved local folder of the gate checkpoint.
         gates_source: what the user passed (folder or hub id), for logs and the info metric.
         selection: how active blocks are chosen.
-        min_prefill_tokens: prefill rows whose context (``seq_len``) is shorter stay dense.
+        min_prefill_tokens: prefill rows whose context (``seq_len``) is shorter stay dense;
+            ``None`` until :meth:`for_device` picks the device's default.
         dense_layers: layers that never take the sparse path.
     """
 
     gates: Path
     gates_source: str
     selection: Selection
-    min_prefill_tokens: int = DEFAULT_MIN_PREFILL_TOKENS
+    min_prefill_tokens: int | None = None
     dense_layers: frozenset[int] = field(default_factory=frozenset)
 
     @classmethod
@@ -96,8 +102,9 @@ class SeerConfig:
             nz_ratio=_number(merged, "nz_ratio", 0.1, origin, lo=0.0, hi=1.0, lo_open=True),
             last_block_dense=_flag(merged, "last_block_dense", True, origin),
         )
-        min_tokens = merged.get("min_prefill_tokens", DEFAULT_MIN_PREFILL_TOKENS)
-        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        min_tokens = merged.get("min_prefill_tokens")
+        if min_tokens is not None and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int)
+                                       or min_tokens < 0):
             raise SeerConfigError(f"seer setting 'min_prefill_tokens' must be an integer >= 0, "
                                   f"got {min_tokens!r}")
         dense = merged.get("dense_layers", [])
@@ -111,6 +118,13 @@ class SeerConfig:
             raise SeerConfigError(f"seer setting 'dense_layers' {dense} names a layer >= "
                                   f"num_hidden_layers={n_layers}")
         return cls(folder, source, selection, min_tokens, frozenset(dense))
+
+    def for_device(self, device_type: str) -> SeerConfig:
+        """This config with ``min_prefill_tokens`` set (the device's default when not given)."""
+        if self.min_prefill_tokens is not None:
+            return self
+        default = DEFAULT_MIN_PREFILL_TOKENS.get(device_type, DEFAULT_MIN_PREFILL_TOKENS["cpu"])
+        return replace(self, min_prefill_tokens=default)
 
     def describe(self) -> dict[str, str]:
         """String labels for the config info metric and logs."""

@@ -154,3 +154,15 @@ def test_hub_id_offline_is_clear(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(SeerConfigError, match="offline .*not in the local hub cache"):
         SeerConfig.from_dict({"gates": "SeerAttention/SeerAttention-Llama-3.1-8B-AttnGates"})
+
+
+def test_min_prefill_tokens_default_per_device(gates) -> None:
+    """Not given: 2048 on CPU, 16384 on CUDA (the measured crossover); given: kept on both."""
+    folder = gates
+    cfg = SeerConfig.from_dict({"gates": str(folder)})
+    assert cfg.min_prefill_tokens is None
+    assert cfg.for_device("cpu").min_prefill_tokens == 2048
+    assert cfg.for_device("cuda").min_prefill_tokens == 16384
+    assert cfg.for_device("cuda").describe()["min_prefill_tokens"] == "16384"
+    mine = SeerConfig.from_dict({"gates": str(folder), "min_prefill_tokens": 100})
+    assert mine.for_device("cuda").min_prefill_tokens == 100

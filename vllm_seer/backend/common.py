@@ -101,7 +101,8 @@ class SeerRuntime:
 
     def __init__(self, vllm_config: Any, num_heads: int, num_kv_heads: int, head_dim: int,
                  tp_rank: int, device: torch.device) -> None:
-        self.config = SeerConfig.from_additional_config(vllm_config.additional_config)
+        self.config = SeerConfig.from_additional_config(
+            vllm_config.additional_config).for_device(device.type)
         model_config = vllm_config.model_config
         hf = model_config.hf_text_config if hasattr(model_config, "hf_text_config") else (
             model_config.hf_config)
