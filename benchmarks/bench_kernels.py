@@ -244,6 +244,56 @@ def profile_gate(model: str, L: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
 
 
+def profile_chunk(model: str, L: int, chunk: int, vkernels, density: float = 0.1) -> dict:
+    """One chunked-prefill step as vLLM runs it: the last ``chunk`` rows of an ``L``-token prompt
+    over the whole cached context. Times each gate stage, the sparse attention and vLLM FA3 on the
+    same rows (ms)."""
+    from vllm_seer.kernels.block_select.triton import block_select
+    from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
+
+    hq, hkv, d, theta = MODELS[model]
+    dt = torch.bfloat16
+    q = torch.randn(chunk, hq, d, dtype=dt, device="cuda")
+    k_cache, bt = _paged(torch.randn(L, hkv, d, dtype=dt, device="cuda"), PAGE)
+    v_cache = torch.randn_like(k_cache)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+    inv = RopeSpec(d, theta).inv_freq().cuda()
+    weight = (torch.randn(hq, 3 * d, d, device="cuda") / math.sqrt(3 * d)).to(dt)
+    bufs = SeerBuffers.allocate(plan_batch([0, chunk], [L]), hq, hkv, d, "cuda")
+    sel = Selection("nz_ratio", 0.0, density, True)
+    out = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(d)
+    seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)
+    parts = {
+        "pool_k": lambda: pool_k_paged(k_cache, bt, lens, inv, bufs.k_pooled),
+        "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
+        "select": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,
+                                       bufs.block_index, bufs.block_count, BS, bufs.scores),
+        "gate": lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs),
+        "attn": lambda: sparse_prefill_paged(q, k_cache, v_cache, bt, cu, lens, bufs.block_index,
+                                             bufs.block_count, out, scale),
+    }
+    res = {k: _bench(f, 100) for k, f in parts.items()}
+    # host time of one gate call (launch overhead), GPU idle before it
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        parts["gate"]()
+    res["gate_host"] = (time.perf_counter() - t0) / 20 * 1e3
+    torch.cuda.synchronize()
+    if vkernels is not None:
+        fa3 = vkernels[0]
+        res["fa3"] = _bench(lambda: fa3(q, k_cache, v_cache, chunk, cu, L, seqused_k=lens,
+                                        softmax_scale=scale, causal=True, block_table=bt, out=out,
+                                        fa_version=3), 100)
+    res["density"] = float(bufs.block_count.double().sum()) / (
+        hq * sum(qb + 1 for qb in range((L - chunk) // BS, (L - 1) // BS + 1)))
+    print(f"chunk {model} ctx {L} rows {chunk} d={density} (ms):",
+          {k: round(v, 4) for k, v in res.items()}, flush=True)
+    return res
+
+
 def _fmt(rows: list[dict], meta: str) -> str:
     head = ("| model | seq | target | density | group-union density | Seer ms (gate incl.) | "
             "attn ms | gate ms | gate share | cuDNN ms | flash ms | vLLM FA3 ms | vLLM Triton ms | "
@@ -271,7 +321,16 @@ def main() -> None:
     ap.add_argument("--models", default="llama3.1-8b,smollm2")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) below 128k")
     ap.add_argument("--profile-gate", action="store_true", help="only profile the gate")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="only time one chunked-prefill step of this many rows at each --seqs")
     args = ap.parse_args()
+    if args.chunk:
+        vk = _vllm_kernels()
+        for model in args.models.split(","):
+            for L in (int(s) for s in args.seqs.split(",")):
+                for dens in (0.1, 0.3):
+                    profile_chunk(model, L, args.chunk, vk, dens)
+        return
     if args.profile_gate:
         for L in (int(s) for s in args.seqs.split(",")):
             profile_gate(args.models.split(",")[0], L)

@@ -20,14 +20,16 @@ pytestmark = pytest.mark.gpu
 
 def _vllm_cache(batch, hkv: int, d: int, page: int, dtype: torch.dtype) -> torch.Tensor:
     from vllm import _custom_ops as ops
+    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
     n_pages = batch.k_cache.shape[0]
-    shape = FlashAttentionBackend.get_kv_cache_shape(n_pages, page, hkv, d)
-    try:
-        order = tuple(FlashAttentionBackend.get_kv_cache_stride_order())
-    except (AttributeError, NotImplementedError):
-        order = tuple(range(len(shape)))
+    with set_current_vllm_config(VllmConfig()):  # the backend reads the cache layout setting
+        shape = FlashAttentionBackend.get_kv_cache_shape(n_pages, page, hkv, d)
+        try:
+            order = tuple(FlashAttentionBackend.get_kv_cache_stride_order())
+        except (AttributeError, NotImplementedError):
+            order = tuple(range(len(shape)))
     physical = torch.full([shape[i] for i in order], float("nan"), dtype=dtype, device="cuda")
     kv = physical.permute(*[order.index(i) for i in range(len(shape))])  # logical view
     if kv.dim() != 5:
