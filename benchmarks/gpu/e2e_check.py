@@ -106,23 +106,50 @@ def _run(name: str, model: Path, cfg: dict | None, extra: list[str], t0: float) 
     return res
 
 
+RUN_NAMES = ("flash", "triton", "seer1", "unchunked", "chunked", "graphs")
+
+
 def main() -> int:
-    model = ensure_test_model(Path("/tmp/tiny-llama"))
-    gates = str(model / "gates")
-    seer1 = {"seer": {"gates": gates, "sparsity_method": "nz_ratio", "nz_ratio": 1.0,
-                      "min_prefill_tokens": 64}}
-    sparse = {"seer": {"gates": gates, **SPARSE}}
-    graphs = ["--compilation-config", json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]
-    unchunked = ["--max-num-batched-tokens", "4096", "--no-enable-prefix-caching"]
-    runs = {
-        "flash": run("FLASH_ATTN", model, None, [*EAGER, "--attention-backend", "FLASH_ATTN"]),
-        "triton": run("TRITON_ATTN", model, None, [*EAGER, "--attention-backend", "TRITON_ATTN"]),
-        "seer1": run("SEER_density1", model, seer1, EAGER),
-        "unchunked": run("SEER_sparse_unchunked_nocache", model, sparse, [*EAGER, *unchunked]),
-        "chunked": run("SEER_sparse_chunk256_prefixcache", model, sparse,
-                       [*EAGER, "--max-num-batched-tokens", "256"]),
-        "graphs": run("SEER_sparse_full_decode_graphs", model, sparse, [*BASE, *unchunked, *graphs]),
-    }
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", default=",".join(RUN_NAMES),
+                    help="which servers to run now (results of earlier calls are read from --dir)")
+    ap.add_argument("--dir", default=os.environ.get("OUT", "/tmp"),
+                    help="one JSON per run is written here; --compare reads them")
+    ap.add_argument("--compare", nargs="*", default=None,
+                    help="only compare: folders holding the run JSONs of earlier calls")
+    args = ap.parse_args()
+    if args.compare is None:
+        model = ensure_test_model(Path("/tmp/tiny-llama"))
+        gates = str(model / "gates")
+        seer1 = {"seer": {"gates": gates, "sparsity_method": "nz_ratio", "nz_ratio": 1.0,
+                          "min_prefill_tokens": 64}}
+        sparse = {"seer": {"gates": gates, **SPARSE}}
+        graphs = ["--compilation-config",
+                  json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]
+        unchunked = ["--max-num-batched-tokens", "4096", "--no-enable-prefix-caching"]
+        plans = {
+            "flash": ("FLASH_ATTN", None, [*EAGER, "--attention-backend", "FLASH_ATTN"]),
+            "triton": ("TRITON_ATTN", None, [*EAGER, "--attention-backend", "TRITON_ATTN"]),
+            "seer1": ("SEER_density1", seer1, EAGER),
+            "unchunked": ("SEER_sparse_unchunked_nocache", sparse, [*EAGER, *unchunked]),
+            "chunked": ("SEER_sparse_chunk256_prefixcache", sparse,
+                        [*EAGER, "--max-num-batched-tokens", "256"]),
+            "graphs": ("SEER_sparse_full_decode_graphs", sparse, [*BASE, *unchunked, *graphs]),
+        }
+        for key in args.runs.split(","):
+            name, cfg, extra = plans[key]
+            res = run(name, model, cfg, extra)
+            (Path(args.dir) / f"e2e_run_{key}.json").write_text(json.dumps(res))
+    runs = {}
+    for folder in [args.dir, *(args.compare or [])]:
+        for f in Path(folder).glob("e2e_run_*.json"):
+            runs[f.stem.removeprefix("e2e_run_")] = json.loads(f.read_text())
+    missing = [k for k in RUN_NAMES if k not in runs]
+    if missing:
+        print("runs still missing (compare later):", missing, flush=True)
+        return 0
 
     def same(a: str, b: str) -> list[bool]:
         return [x == y for x, y in zip(runs[a]["outputs"], runs[b]["outputs"], strict=True)]
@@ -150,7 +177,7 @@ def main() -> int:
               if k not in ("flash", "triton"))
     ok &= not any(r["log_errors"] for r in runs.values())
     summary = {"ok": ok, "checks": checks, "runs": list(runs.values())}
-    out = Path(os.environ.get("OUT", "/tmp")) / "e2e_check.json"
+    out = Path(args.dir) / "e2e_check.json"
     out.write_text(json.dumps(summary, indent=1))
     print("checks", json.dumps(checks), "ok", ok, flush=True)
     return 0 if ok else 1
