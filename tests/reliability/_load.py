@@ -143,6 +143,8 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, req: Req) -> Re
                         res.done = True
                         break
                     chunk = json.loads(data)
+                    if "error" in chunk:  # vLLM ends a failed stream with an error event
+                        res.error = f"error event: {json.dumps(chunk['error'])[:300]}"
                     if chunk.get("usage"):
                         res.usage = chunk["usage"]
                     for choice in chunk.get("choices", []):

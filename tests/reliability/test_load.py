@@ -280,8 +280,11 @@ def test_sigterm_during_load(model, tmp_path):
         abort_log = srv.log()
     finally:
         srv.stop()
-    print(f"\nSIGTERM, abort mode: {rc} ({t_abort:.1f} s); metrics folder left: {stale}; "
-          f"{sum(1 for r in results if r.done)}/{len(reqs)} streams finished")
+    ended = sum(1 for r in results if r.done and not r.error)
+    failed = sum(1 for r in results if r.error.startswith("error event"))
+    print(f"\nSIGTERM, abort mode: {rc} ({t_abort:.1f} s); metrics folder left: {stale}; of "
+          f"{len(reqs)} streams {ended} ended normally, {failed} with an error event, "
+          f"{len(reqs) - ended - failed} were cut off")
     assert stale == isinstance(rc, str)  # removed at every exit that runs Python's atexit
 
     # 2. drain
