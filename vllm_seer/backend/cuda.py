@@ -10,6 +10,8 @@ only; mixed and prefill batches run eagerly between graph pieces.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,9 @@ from vllm_seer.backend.common import (
 )
 from vllm_seer.backend.runtime import get_runtime
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
+
+logger = logging.getLogger(__name__)
+WARMUP_TOKENS = 16384  # synthetic prefill used to compile and autotune the kernels at start-up
 
 
 @dataclass
@@ -88,19 +93,54 @@ class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
 
 
 class SeerCUDAImpl(FlashAttentionImpl):
+    _warmed_up = False  # once per process
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = get_current_vllm_config()
         get_runtime(cfg, self.num_heads, self.num_kv_heads, self.head_size,
                     torch.device(f"cuda:{torch.cuda.current_device()}"))
+        self._page_size = int(cfg.cache_config.block_size)
         self._layer: int | None = None
+
+    def _warm_up(self, dtype: torch.dtype) -> None:
+        """Compile and autotune the gate and sparse kernels on a synthetic ``WARMUP_TOKENS``
+        prefill with this model's heads, page size and dtype, during vLLM's profiling run, so the
+        first long request does not pay for it (otherwise ~25 s on an H100). Autotuned configs are
+        keyed by head dim and block size only, so they carry over to every real batch."""
+        if SeerCUDAImpl._warmed_up or torch.cuda.is_current_stream_capturing():
+            return
+        SeerCUDAImpl._warmed_up = True
+        from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
+
+        rt = get_runtime()
+        t0 = time.perf_counter()
+        dev, hq, hkv, d = rt.weights[0].device, self.num_heads, self.num_kv_heads, self.head_size
+        n, page = WARMUP_TOKENS, self._page_size
+        pages = -(-n // page)
+        k_cache = torch.randn(pages, page, hkv, d, dtype=dtype, device=dev)
+        v_cache = torch.randn_like(k_cache)
+        block_table = torch.randperm(pages, device=dev).to(torch.int32)[None]
+        q = torch.randn(n, hq, d, dtype=dtype, device=dev)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        lens = cu[1:].clone()
+        bufs = SeerBuffers.allocate(plan_batch([0, n], [n], rt.block_size), hq, hkv, d, dev)
+        layer = last_sparse_layer(rt.num_layers, rt.config.dense_layers)
+        seer_gate(q, k_cache, block_table, cu, lens, rt.weights[layer], rt.inv_freq,
+                  rt.config.selection, bufs)
+        sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
+                             bufs.block_count, torch.empty_like(q), self.scale, rt.block_size)
+        torch.cuda.synchronize()
+        logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic %d-token prefill)",
+                    time.perf_counter() - t0, n)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeerCUDAMetadata | None,
                 output: torch.Tensor, output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None,
                 *args: Any, **kwargs: Any) -> torch.Tensor:
-        if attn_metadata is None:  # profiling run
+        if attn_metadata is None:  # profiling run: compile + autotune the Seer kernels once
+            self._warm_up(query.dtype)
             return output
         md = attn_metadata
         rt = get_runtime()
