@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from vllm_seer.backend import compat
 from vllm_seer.checkpoint import GateCheckpoint, load_gates
 from vllm_seer.config import SeerConfig
 from vllm_seer.gate import gate_mask
@@ -86,6 +88,86 @@ def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: to
         possible=possible,
     )
     return plan, dense
+
+
+@dataclass
+class SeerStepMetadata:
+    """Per-step metadata of both Seer backends.
+
+    Attributes:
+        full: the inherited metadata for the whole batch (no Seer rows, or dense layers present).
+        dense: the inherited metadata for the dense sub-batch (when Seer rows exist).
+        dense_rows: ``[T_dense]`` rows of the dense sub-batch in the batch.
+        plan: the Seer requests, or ``None``.
+        dense_prefix: the dense rows are rows ``0 .. n-1`` of the batch (no gather needed).
+        bufs: the CUDA kernels' persistent buffers for this step (``None`` on CPU).
+    """
+
+    num_actual_tokens: int
+    plan: SparsePlan | None
+    causal: bool
+    step: int
+    full: Any | None = None
+    dense: Any | None = None
+    dense_rows: torch.Tensor | None = None
+    dense_prefix: bool = False
+    bufs: Any | None = None
+
+
+def build_step(inherited_build: Callable[[int, Any, bool], Any], common_prefix_len: int,
+               cm: Any, fast_build: bool, rt: SeerRuntime, num_heads: int, causal: bool,
+               step: int, rows_device: torch.device | str) -> SeerStepMetadata:
+    """The metadata builders' shared routing, once per step: plan the Seer requests, count the
+    prefill tokens by path, and build the inherited metadata for the whole batch (when it has no
+    Seer rows or some layers stay dense) and for the dense sub-batch.
+
+    Args:
+        inherited_build: the parent builder's ``build(common_prefix_len, cm, fast_build)``.
+        cm: vLLM's ``CommonAttentionMetadata`` of the step.
+        rows_device: where the dense sub-batch's row indices are used.
+    """
+    seq_host = compat.host_seq_lens(cm)
+    qsl = cm.query_start_loc_cpu.tolist()
+    plan, dense = plan_sparse(qsl, seq_host.tolist(), cm.block_table_tensor,
+                              rt.config.min_prefill_tokens, rt.block_size, num_heads, causal)
+    dense_prefill = sum(qsl[i + 1] - qsl[i] for i in dense if qsl[i + 1] - qsl[i] > 1)
+    rt.stats.add_tokens(sum(plan.query_lens) if plan else 0, dense_prefill)
+    rt.stats.maybe_flush()
+    md = SeerStepMetadata(cm.num_actual_tokens, plan, causal, step)
+    if plan is None or rt.config.dense_layers:
+        md.full = inherited_build(common_prefix_len, cm, fast_build)
+    if plan is not None and dense:
+        rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense])
+        sub = compat.subset_common_metadata(cm, dense, rows, seq_host)
+        md.dense = inherited_build(0, sub, fast_build)
+        md.dense_rows = rows.to(rows_device)
+        md.dense_prefix = int(rows[-1]) == rows.numel() - 1
+    return md
+
+
+def forward_dense(inherited_forward: Callable[..., Any], md: SeerStepMetadata, dense_layer: bool,
+                  layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  kv_cache: torch.Tensor, output: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+    """The dense part of one layer's forward through the inherited impl (``args`` / ``kwargs``:
+    its trailing arguments after ``output``). Returns ``True`` when that was the whole batch (no
+    Seer rows, or ``dense_layer``); otherwise it ran the dense sub-batch, if any, and the caller
+    runs the Seer rows."""
+    if md.plan is None or dense_layer:
+        inherited_forward(layer, query, key, value, kv_cache, md.full, output, *args, **kwargs)
+        return True
+    if md.dense is not None:
+        rows = md.dense_rows
+        assert rows is not None
+        n = rows.numel()
+        if md.dense_prefix:  # no copies
+            inherited_forward(layer, query[:n], key[:n], value[:n], kv_cache, md.dense,
+                              output[:n], *args, **kwargs)
+        else:
+            out = torch.empty_like(output[:n])
+            inherited_forward(layer, query[rows], key[rows], value[rows], kv_cache, md.dense,
+                              out, *args, **kwargs)
+            output[rows] = out
+    return False
 
 
 def layer_index(layer_name: str) -> int:

@@ -6,7 +6,6 @@ sub-batch; Seer rows through the PyTorch gate and the reference block-sparse att
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,66 +18,28 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_seer.backend import compat
 from vllm_seer.backend.common import (
-    SparsePlan,
+    SeerStepMetadata,
     StepTimer,
+    build_step,
     finish_step,
+    forward_dense,
     last_sparse_layer,
     layer_index,
-    plan_sparse,
     run_sparse_reference,
 )
 from vllm_seer.backend.runtime import get_runtime
-
-
-@dataclass
-class SeerCPUMetadata:
-    """Per-step metadata.
-
-    Attributes:
-        full: the inherited metadata for the whole batch (no Seer rows, or dense layers present).
-        dense: the inherited metadata for the dense sub-batch (when Seer rows exist).
-        dense_rows: ``[T_dense]`` rows of the dense sub-batch in the batch.
-        plan: the Seer requests, or ``None``.
-    """
-
-    num_actual_tokens: int
-    full: Any | None
-    dense: Any | None
-    dense_rows: torch.Tensor | None
-    plan: SparsePlan | None
-    causal: bool = True
-    step: int = 0
-    dense_prefix: bool = False  # the dense rows are rows 0 .. n-1 of the batch (no gather)
 
 
 class SeerCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     _steps = 0
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any,
-              fast_build: bool = False) -> SeerCPUMetadata:
-        cm = common_attn_metadata
-        rt = get_runtime()
-        seq_host = compat.host_seq_lens(cm)
-        qsl = cm.query_start_loc_cpu.tolist()
-        causal = cm.causal is True and not self.is_cross_attention
-        plan, dense = plan_sparse(qsl, seq_host.tolist(), cm.block_table_tensor,
-                                  rt.config.min_prefill_tokens, rt.block_size, self.num_heads,
-                                  causal)
-        dense_prefill = sum(qsl[i + 1] - qsl[i] for i in dense if qsl[i + 1] - qsl[i] > 1)
-        rt.stats.add_tokens(sum(plan.query_lens) if plan else 0, dense_prefill)
-        rt.stats.maybe_flush()
+              fast_build: bool = False) -> SeerStepMetadata:
         SeerCPUMetadataBuilder._steps += 1
-        md = SeerCPUMetadata(cm.num_actual_tokens, None, None, None, plan, causal,
-                             SeerCPUMetadataBuilder._steps)
-        if plan is None or rt.config.dense_layers:
-            md.full = super().build(common_prefix_len, cm, fast_build)
-        if plan is not None and dense:
-            rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense])
-            sub = compat.subset_common_metadata(cm, dense, rows, seq_host)
-            md.dense = super().build(0, sub, fast_build)
-            md.dense_rows = rows
-            md.dense_prefix = int(rows[-1]) == rows.numel() - 1
-        return md
+        causal = common_attn_metadata.causal is True and not self.is_cross_attention
+        return build_step(super().build, common_prefix_len, common_attn_metadata, fast_build,
+                          get_runtime(), self.num_heads, causal, SeerCPUMetadataBuilder._steps,
+                          "cpu")
 
 
 class SeerCPUImpl(CPUAttentionBackendImpl):
@@ -90,7 +51,7 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
         self._layer: int | None = None
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: SeerCPUMetadata | None,
+                kv_cache: torch.Tensor, attn_metadata: SeerStepMetadata | None,
                 output: torch.Tensor, output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
         if attn_metadata is None:  # profiling run
@@ -99,20 +60,9 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
         rt = get_runtime()
         if self._layer is None:
             self._layer = layer_index(layer.layer_name)
-        if md.plan is None or self._layer in rt.config.dense_layers:
-            return super().forward(layer, query, key, value, kv_cache, md.full, output,
-                                   output_scale, output_block_scale)
-        if md.dense is not None:
-            rows = md.dense_rows
-            n = rows.numel()
-            if md.dense_prefix:  # no copies
-                super().forward(layer, query[:n], key[:n], value[:n], kv_cache, md.dense,
-                                output[:n], output_scale, output_block_scale)
-            else:
-                out = torch.empty_like(output[:n])
-                super().forward(layer, query[rows], key[rows], value[rows], kv_cache, md.dense,
-                                out, output_scale, output_block_scale)
-                output[rows] = out
+        if forward_dense(super().forward, md, self._layer in rt.config.dense_layers, layer, query,
+                         key, value, kv_cache, output, output_scale, output_block_scale):
+            return output
         k_cache, v_cache = compat.cpu_kv_views(kv_cache, getattr(layer, "isa", "vec"))
         timer = StepTimer.for_step(md.step)
         run_sparse_reference(rt, self._layer, query, k_cache, v_cache, md.plan, output,

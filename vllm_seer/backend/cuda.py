@@ -10,9 +10,9 @@ only; mixed and prefill batches run eagerly between graph pieces.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,31 +25,19 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from vllm_seer.backend import compat
 from vllm_seer.backend.common import (
-    SparsePlan,
+    SeerStepMetadata,
     StepTimer,
+    build_step,
     finish_step,
+    forward_dense,
     last_sparse_layer,
     layer_index,
-    plan_sparse,
 )
 from vllm_seer.backend.runtime import get_runtime
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
 
 logger = logging.getLogger(__name__)
 WARMUP_TOKENS = 16384  # synthetic prefill used to compile and autotune the kernels at start-up
-
-
-@dataclass
-class SeerCUDAMetadata:
-    num_actual_tokens: int
-    full: Any | None
-    dense: Any | None
-    dense_rows: torch.Tensor | None
-    plan: SparsePlan | None
-    bufs: SeerBuffers | None
-    step: int = 0
-    causal: bool = True
-    dense_prefix: bool = False  # the dense rows are rows 0 .. n-1 of the batch (no gather)
 
 
 class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -62,33 +50,18 @@ class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
         return cls._cudagraph_support
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any,
-              fast_build: bool = False) -> SeerCUDAMetadata:
-        cm = common_attn_metadata
+              fast_build: bool = False) -> SeerStepMetadata:
         rt = get_runtime()
-        seq_host = compat.host_seq_lens(cm)
-        qsl = cm.query_start_loc_cpu.tolist()
-        causal = cm.causal is True
-        plan, dense = plan_sparse(qsl, seq_host.tolist(), cm.block_table_tensor,
-                                  rt.config.min_prefill_tokens, rt.block_size, rt.num_heads, causal)
-        dense_prefill = sum(qsl[i + 1] - qsl[i] for i in dense if qsl[i + 1] - qsl[i] > 1)
-        rt.stats.add_tokens(sum(plan.query_lens) if plan else 0, dense_prefill)
-        rt.stats.maybe_flush()
         SeerCUDAMetadataBuilder._steps += 1
-        md = SeerCUDAMetadata(cm.num_actual_tokens, None, None, None, plan, None,
-                              SeerCUDAMetadataBuilder._steps, causal)
-        if plan is None or rt.config.dense_layers:
-            md.full = super().build(common_prefix_len, cm, fast_build)
-        if plan is not None:
-            cu = plan.cu_seqlens_q.cpu().tolist()
+        md = build_step(super().build, common_prefix_len, common_attn_metadata, fast_build, rt,
+                        rt.num_heads, common_attn_metadata.causal is True,
+                        SeerCUDAMetadataBuilder._steps, self.device)
+        if md.plan is not None:
+            plan = md.plan  # host lists: no device read-back in the builder
+            cu = list(itertools.accumulate(plan.query_lens, initial=0))
             lens = [c + n for c, n in zip(plan.context_lens, plan.query_lens, strict=True)]
             md.bufs = SeerBuffers.allocate(plan_batch(cu, lens, rt.block_size), rt.num_heads,
                                            rt.num_kv_heads, rt.head_dim, self.device)
-            if dense:
-                rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense])
-                sub = compat.subset_common_metadata(cm, dense, rows, seq_host)
-                md.dense = super().build(0, sub, fast_build)
-                md.dense_rows = rows.to(self.device)
-                md.dense_prefix = int(rows[-1]) == rows.numel() - 1
         return md
 
 
@@ -135,7 +108,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
                     time.perf_counter() - t0, n)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: SeerCUDAMetadata | None,
+                kv_cache: torch.Tensor, attn_metadata: SeerStepMetadata | None,
                 output: torch.Tensor, output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None,
                 *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -146,20 +119,10 @@ class SeerCUDAImpl(FlashAttentionImpl):
         rt = get_runtime()
         if self._layer is None:
             self._layer = layer_index(layer.layer_name)
-        if md.plan is None or self._layer in rt.config.dense_layers:
-            return super().forward(layer, query, key, value, kv_cache, md.full, output,
-                                   output_scale, output_block_scale, *args, **kwargs)
-        if md.dense is not None:
-            rows = md.dense_rows
-            n = rows.numel()
-            if md.dense_prefix:
-                super().forward(layer, query[:n], key[:n], value[:n], kv_cache, md.dense,
-                                output[:n], output_scale, output_block_scale, *args, **kwargs)
-            else:
-                out = torch.empty_like(output[:n])
-                super().forward(layer, query[rows], key[rows], value[rows], kv_cache, md.dense,
-                                out, output_scale, output_block_scale, *args, **kwargs)
-                output[rows] = out
+        if forward_dense(super().forward, md, self._layer in rt.config.dense_layers, layer, query,
+                         key, value, kv_cache, output, output_scale, output_block_scale, *args,
+                         **kwargs):
+            return output
         plan, bufs = md.plan, md.bufs
         assert bufs is not None
         k_cache, v_cache = compat.cuda_kv_views(kv_cache, self.head_size)
