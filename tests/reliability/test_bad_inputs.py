@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from _gate_files import MODEL_CFG, edit_json, rewrite_pth
 
 from vllm_seer.checkpoint import (
     CONFIG_FILE,
@@ -33,8 +34,6 @@ from vllm_seer.testing import CPU_ENV, ensure_test_model
 from vllm_seer.tiny_model import build_random_gates
 from vllm_seer.validate import UnsupportedModelError
 
-MODEL_CFG = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "hidden_size": 256, "head_dim": 64}
 KEY0 = KEY_TEMPLATE.format(0)
 
 
@@ -45,23 +44,7 @@ def gates(tmp_path: Path) -> Path:
 
 
 def _edit_config(gates: Path, **changes: Any) -> Path:
-    cfg = json.loads((gates / CONFIG_FILE).read_text())
-    for k, v in changes.items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    (gates / CONFIG_FILE).write_text(json.dumps(cfg))
-    return gates / CONFIG_FILE
-
-
-def _edit_pth(gates: Path, fn: Callable[[dict[str, Any]], None]) -> Path:
-    """Drop the safetensors copy and rewrite the upstream .pth through ``fn``."""
-    (gates / SAFETENSORS_FILE).unlink()
-    raw = torch.load(gates / PTH_FILE, weights_only=True)
-    fn(raw)
-    torch.save(raw, gates / PTH_FILE)
-    return gates / PTH_FILE
+    return edit_json(gates / CONFIG_FILE, **changes)
 
 
 def _refused(gates: Path, message: str) -> None:
@@ -200,17 +183,17 @@ def test_non_finite_gate_weight(gates: Path, value: float) -> None:
     def poison(raw: dict[str, Any]) -> None:
         raw[KEY0] = raw[KEY0].clone()
         raw[KEY0][1, 2, 3] = value
-    src = _edit_pth(gates, poison)
+    src = rewrite_pth(gates, poison)
     _refused(gates, f"{src}: '{KEY0}' has 1 NaN or Inf value\\(s\\); gate weights must be finite")
 
 
 def test_integer_gate_weight(gates: Path) -> None:
-    _edit_pth(gates, lambda raw: raw.__setitem__(KEY0, torch.zeros(4, 192, 64, dtype=torch.int32)))
+    rewrite_pth(gates, lambda raw: raw.__setitem__(KEY0, torch.zeros(4, 192, 64, dtype=torch.int32)))
     _refused(gates, f"'{KEY0}' has dtype torch.int32, expected a floating-point tensor")
 
 
 def test_non_tensor_value_in_pth(gates: Path) -> None:
-    _edit_pth(gates, lambda raw: raw.__setitem__(KEY0, [1.0, 2.0]))
+    rewrite_pth(gates, lambda raw: raw.__setitem__(KEY0, [1.0, 2.0]))
     _refused(gates, f"'{KEY0}' is not a tensor \\(got list\\)")
 
 
@@ -312,13 +295,8 @@ def _variant(tiny: Path, out: Path, **changes: Any) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / name, out / name)
-    cfg = json.loads((tiny / CONFIG_FILE).read_text())
-    for k, v in changes.items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    (out / CONFIG_FILE).write_text(json.dumps(cfg))
+    shutil.copy(tiny / CONFIG_FILE, out / CONFIG_FILE)
+    edit_json(out / CONFIG_FILE, **changes)
     return out
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _gate_files import MODEL_CFG, rewrite_pth
 
 from vllm_seer.checkpoint import (
     KEY_TEMPLATE,
@@ -17,9 +18,6 @@ from vllm_seer.checkpoint import (
 )
 from vllm_seer.config import SeerConfig, SeerConfigError
 from vllm_seer.tiny_model import build_random_gates
-
-MODEL_CFG = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "hidden_size": 256, "head_dim": 64}
 
 
 @pytest.fixture
@@ -44,35 +42,28 @@ def test_upstream_file_is_plain_tensor_dict(gates):
     assert sorted(raw) == [KEY_TEMPLATE.format(0), KEY_TEMPLATE.format(1)]
 
 
-def _rewrite(gates, fn):
-    (gates / SAFETENSORS_FILE).unlink()
-    raw = torch.load(gates / PTH_FILE, weights_only=True)
-    fn(raw)
-    torch.save(raw, gates / PTH_FILE)
-
-
 def test_missing_key(gates):
-    _rewrite(gates, lambda r: r.pop(KEY_TEMPLATE.format(1)))
+    rewrite_pth(gates, lambda r: r.pop(KEY_TEMPLATE.format(1)))
     with pytest.raises(GateCheckpointError, match=r"missing model\.layers\.1\.self_attn"):
         load_gates(gates)
 
 
 def test_extra_key(gates):
-    _rewrite(gates, lambda r: r.__setitem__("model.layers.0.self_attn.attn_gate.mask_linear_q.weight",
-                                            torch.zeros(1)))
+    rewrite_pth(gates, lambda r: r.__setitem__("model.layers.0.self_attn.attn_gate.mask_linear_q.weight",
+                                               torch.zeros(1)))
     with pytest.raises(GateCheckpointError, match="unexpected tensor .*mask_linear_q"):
         load_gates(gates)
 
 
 def test_wrong_shape(gates):
-    _rewrite(gates, lambda r: r.__setitem__(KEY_TEMPLATE.format(0), torch.zeros(4, 128, 64)))
+    rewrite_pth(gates, lambda r: r.__setitem__(KEY_TEMPLATE.format(0), torch.zeros(4, 128, 64)))
     msg = r"layers\.0.*shape \[4, 128, 64\], expected \[4, 192, 64\]"
     with pytest.raises(GateCheckpointError, match=msg):
         load_gates(gates)
 
 
 def test_layer_beyond_model(gates):
-    _rewrite(gates, lambda r: r.__setitem__(KEY_TEMPLATE.format(5), torch.zeros(4, 192, 64)))
+    rewrite_pth(gates, lambda r: r.__setitem__(KEY_TEMPLATE.format(5), torch.zeros(4, 192, 64)))
     with pytest.raises(GateCheckpointError, match="beyond num_hidden_layers=2"):
         load_gates(gates)
 
