@@ -56,6 +56,19 @@ def _bench(fn, rep: int) -> float:
     return do_bench(fn, warmup=max(1, rep // 8), rep=rep)
 
 
+def _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs) -> dict:
+    """The gate's three stages as separately timeable calls (same arguments as ``seer_gate``)."""
+    from vllm_seer.kernels.block_select.triton import block_select
+    from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
+
+    return {
+        "pool_k": lambda: pool_k_paged(k_cache, bt, lens, inv, bufs.k_pooled),
+        "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
+        "select": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,
+                                       bufs.block_index, bufs.block_count, BS, bufs.scores),
+    }
+
+
 def _vllm_kernels():
     """``(fa3_varlen, triton_unified, version)`` from the installed vLLM, or ``None`` without vLLM."""
     try:
@@ -173,17 +186,7 @@ def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: l
 
         t_full = _bench(full, rep)
         if dens == 0.1:  # gate breakdown
-            from vllm_seer.kernels.block_select.triton import block_select
-            from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
-
-            parts = {
-                "pool_k": lambda: pool_k_paged(k_cache, bt, lens, inv, bufs.k_pooled),
-                "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
-                "select": lambda: block_select(  # noqa: B023
-                    bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,  # noqa: B023
-                    bufs.block_index,
-                    bufs.block_count, BS, bufs.scores),
-            }
+            parts = _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs)
             print(f"{model} {L} gate breakdown (ms):",
                   {k: round(_bench(f, rep), 4) for k, f in parts.items()}, flush=True)
         cnt = bufs.block_count.double()
@@ -217,9 +220,6 @@ def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: l
 
 def profile_gate(model: str, L: int) -> None:
     """Gate breakdown + a torch.profiler kernel table for one call of ``block_select``."""
-    from vllm_seer.kernels.block_select.triton import block_select
-    from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
-
     hq, hkv, d, theta = MODELS[model]
     q = torch.randn(L, hq, d, dtype=torch.bfloat16, device="cuda")
     k_cache, bt = _paged(torch.randn(L, hkv, d, dtype=torch.bfloat16, device="cuda"), PAGE)
@@ -229,12 +229,7 @@ def profile_gate(model: str, L: int) -> None:
     weight = (torch.randn(hq, 3 * d, d, device="cuda") / math.sqrt(3 * d)).to(torch.bfloat16)
     bufs = SeerBuffers.allocate(plan_batch([0, L], [L]), hq, hkv, d, "cuda")
     sel = Selection("nz_ratio", 0.0, 0.1, True)
-    parts = {
-        "pool_k": lambda: pool_k_paged(k_cache, bt, lens, inv, bufs.k_pooled),
-        "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
-        "select": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,
-                                       bufs.block_index, bufs.block_count, BS, bufs.scores),
-    }
+    parts = _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs)
     print(f"{model} {L} gate (ms):", {k: round(_bench(f, 50), 4) for k, f in parts.items()})
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -248,9 +243,6 @@ def profile_chunk(model: str, L: int, chunk: int, vkernels, density: float = 0.1
     """One chunked-prefill step as vLLM runs it: the last ``chunk`` rows of an ``L``-token prompt
     over the whole cached context. Times each gate stage, the sparse attention and vLLM FA3 on the
     same rows (ms)."""
-    from vllm_seer.kernels.block_select.triton import block_select
-    from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
-
     hq, hkv, d, theta = MODELS[model]
     dt = torch.bfloat16
     q = torch.randn(chunk, hq, d, dtype=dt, device="cuda")
@@ -266,10 +258,7 @@ def profile_chunk(model: str, L: int, chunk: int, vkernels, density: float = 0.1
     scale = 1.0 / math.sqrt(d)
     seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)
     parts = {
-        "pool_k": lambda: pool_k_paged(k_cache, bt, lens, inv, bufs.k_pooled),
-        "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
-        "select": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,
-                                       bufs.block_index, bufs.block_count, BS, bufs.scores),
+        **_gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs),
         "gate": lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs),
         "attn": lambda: sparse_prefill_paged(q, k_cache, v_cache, bt, cu, lens, bufs.block_index,
                                              bufs.block_count, out, scale),
