@@ -53,6 +53,9 @@ SPARSE = {"sparsity_method": "threshold", "threshold": 0.08, "last_block_dense":
 LAYERS, HEADS, GATE_BLOCK = 4, 4, 64
 ARGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--seed", "0"]
 N = 200
+# The cancelled requests' budget, as long as the context allows (short prompts < MIN_PREFILL):
+# the longer they could run, the surer the client's disconnect reaches the engine before the end.
+CANCEL_MAX_TOKENS = 1024 - MIN_PREFILL
 # Two bounded caches would hide a leak behind their growth, so the load server runs without them:
 # * glibc raises its mmap threshold after large frees, so freed activation tensors stay in the heap
 #   as free space (measured: +500 MiB over 4 bursts of 200 requests before a plateau, the same with
@@ -122,8 +125,8 @@ def check_completed(reqs: list[Req], results: list) -> None:
 
 def test_200_concurrent_requests(model):
     t_start = time.monotonic()
-    warm = make_mix(N, "Warm-up", seed=1)  # the same shapes: allocator high-water reached
-    reqs = make_mix(N, "Request", seed=0)
+    warm = make_mix(N, "Warm-up", seed=1, cancel_max_tokens=CANCEL_MAX_TOKENS)  # the same shapes
+    reqs = make_mix(N, "Request", seed=0, cancel_max_tokens=CANCEL_MAX_TOKENS)
     long = [r for r in reqs if r.long]
     short = [r for r in reqs if not r.long]
     cancelled = [r for r in reqs if r.cancel]
@@ -167,13 +170,18 @@ def test_200_concurrent_requests(model):
         assert delta(before, after, "vllm:seer_prefill_density_count") == len(long)  # one step each
         assert 1 <= delta(before, after, "vllm:seer_gate_seconds_count") <= len(long)
         success = "vllm:request_success_total"
-        assert delta(before, after, success, finished_reason="length") == N - len(cancelled)
         assert delta(before, after, success, finished_reason="error") == 0
-        # vLLM counts no aborts; the cancelled requests neither finished (the count above is exact)
-        # nor run (idle): they were aborted, after generating a few of their 200 tokens
+        # vLLM counts no aborts. A cancelled request is aborted unless the engine finished all its
+        # CANCEL_MAX_TOKENS before the disconnect reached it (on a loaded 2-core machine the API
+        # server can lag that far behind the engine): then it counts as finished by length. So
+        # ``ran_out`` of the cancelled finished, the others were aborted mid-way (idle now), and
+        # the generated tokens must add up to exactly that split.
+        ran_out = int(delta(before, after, success, finished_reason="length")) - (N - len(cancelled))
+        assert 0 <= ran_out < len(cancelled), ran_out  # some cancellation reached the engine
+        aborted = len(cancelled) - ran_out
         extra = delta(before, after, "vllm:generation_tokens_total") - sum(
-            r.max_tokens for r in reqs if not r.cancel)
-        assert len(cancelled) <= extra < len(cancelled) * cancelled[0].max_tokens
+            r.max_tokens for r in reqs if not r.cancel) - ran_out * CANCEL_MAX_TOKENS
+        assert aborted <= extra <= aborted * (CANCEL_MAX_TOKENS - 1), (extra, aborted)
 
         # -- determinism: one at a time (prefix-cache hits now), then concurrently again --------
         subset = [dataclasses.replace(r, stream=False) for r in reqs if r.i % 5 == 0 and not r.cancel]
@@ -197,7 +205,8 @@ def test_200_concurrent_requests(model):
     lat = sorted(res.seconds for r, res in zip(reqs, results, strict=True) if not r.cancel)
     print(f"\nload: {N} requests ({len(long)} sparse, {len(cancelled)} cancelled) in {t_burst:.1f} s; "
           f"latency p50 {lat[len(lat) // 2]:.2f} s, max {lat[-1]:.2f} s; {len(subset)} sequential "
-          f"in {t_seq:.1f} s; {extra:.0f} tokens for the cancelled; density {computed / possible:.3f}; "
+          f"in {t_seq:.1f} s; {extra:.0f} tokens for the {aborted} aborted ({ran_out} cancelled "
+          f"too late); density {computed / possible:.3f}; "
           f"RSS {rss_base:.0f} -> "
           f"{rss_after:.0f} MiB ({len(pids)} processes); server up in {t_up - t_start:.0f} s, "
           f"test {time.monotonic() - t_start:.0f} s")
