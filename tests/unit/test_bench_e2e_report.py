@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import bench_e2e_ttft  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+import e2e_client
+import e2e_report
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e_ttft.py"
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_e2e_ttft", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_e2e_ttft"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "vllm": "0.26.0", "torch": "2.11.0+cu130", "triton": "3.6.0",
        "transformers": "5.17.0", "vllm_seer": "0.1.0", "date": "2026-11-23T10:00:00+00:00",
@@ -53,8 +40,8 @@ RUNS = [
 ]
 
 
-def test_aggregate_takes_min_ttft_and_pools_density(bench: ModuleType) -> None:
-    agg = bench.aggregate(RUNS)
+def test_aggregate_takes_min_ttft_and_pools_density() -> None:
+    agg = e2e_report.aggregate(RUNS)
     assert agg["FLASH_ATTN"]["32k"]["ttft_s"] == 1.20 and agg["FLASH_ATTN"]["32k"]["n"] == 2
     assert agg["FLASH_ATTN"]["32k"]["itl_median_s"] == pytest.approx(0.0202)
     s = agg["seer@0.1"]["128k"]
@@ -64,8 +51,8 @@ def test_aggregate_takes_min_ttft_and_pools_density(bench: ModuleType) -> None:
     assert "density" not in agg["FLASH_ATTN"]["32k"]
 
 
-def test_goals(bench: ModuleType) -> None:
-    goals = {g: (st, d) for g, st, d in bench.goals(bench.aggregate(RUNS))}
+def test_goals() -> None:
+    goals = {g: (st, d) for g, st, d in e2e_report.goals(e2e_report.aggregate(RUNS))}
     by_start = {g.split(",")[0]: v for g, v in goals.items()}
     assert by_start["TTFT ≥ 2.4x FLASH_ATTN at 128k"][0] == "missed"
     assert by_start["TTFT ≥ 2.4x FLASH_ATTN at 128k"][1].startswith("2.00x")
@@ -76,15 +63,15 @@ def test_goals(bench: ModuleType) -> None:
     assert never[0] == "met"
 
 
-def test_goals_not_measured_without_flash_attn(bench: ModuleType) -> None:
-    statuses = [st for _, st, _ in bench.goals(bench.aggregate(RUNS[1:]))]
+def test_goals_not_measured_without_flash_attn() -> None:
+    statuses = [st for _, st, _ in e2e_report.goals(e2e_report.aggregate(RUNS[1:]))]
     assert statuses == ["not measured"] * 4
 
 
-def test_render_report(bench: ModuleType, tmp_path: Path) -> None:
+def test_render_report(tmp_path: Path) -> None:
     path = tmp_path / "ttft.json"
     path.write_text(json.dumps({"schema": 1, "runs": RUNS}))
-    text = bench.render_report(bench.load_runs([path]))
+    text = e2e_report.render_report(e2e_report.load_runs([path]))
     lines = text.splitlines()
     assert "NVIDIA H100 80GB HBM3; vLLM 0.26.0" in text
     # TTFT table: columns ordered FLASH_ATTN, TRITON_ATTN, Seer by density; rows ordered by length
@@ -99,19 +86,20 @@ def test_render_report(bench: ModuleType, tmp_path: Path) -> None:
     assert "- seer@0.3: skipped server: 12 s left of the budget" in lines
 
 
-def test_parse_backend_and_labels(bench: ModuleType) -> None:
-    assert bench.parse_backend("seer@0.05") == ("seer", 0.05)
-    assert bench.parse_backend("FLASH_ATTN") == ("FLASH_ATTN", None)
+def test_parse_backend_and_labels() -> None:
+    assert e2e_report.parse_backend("seer@0.05") == ("seer", 0.05)
+    assert e2e_report.parse_backend("FLASH_ATTN") == ("FLASH_ATTN", None)
     with pytest.raises(ValueError):
-        bench.parse_backend("seer@1.5")
-    assert [bench.length_label(n) for n in (512, 8192, 32768, 130944)] == ["512", "8k", "32k", "128k"]
-    a, b = bench.make_prompt("seer@0.1", 100, 0, 0, 50), bench.make_prompt("seer@0.1", 100, 1, 0, 50)
-    assert a == bench.make_prompt("seer@0.1", 100, 0, 0, 50) and a != b
-    assert bench.make_prompt("FLASH_ATTN", 100, 0, 0, 50) != a
+        e2e_report.parse_backend("seer@1.5")
+    assert [e2e_report.length_label(n) for n in (512, 8192, 32768, 130944)] == ["512", "8k", "32k", "128k"]
+    make_prompt = bench_e2e_ttft.make_prompt
+    a, b = make_prompt("seer@0.1", 100, 0, 0, 50), make_prompt("seer@0.1", 100, 1, 0, 50)
+    assert a == make_prompt("seer@0.1", 100, 0, 0, 50) and a != b
+    assert make_prompt("FLASH_ATTN", 100, 0, 0, 50) != a
 
 
-def test_itl_stats(bench: ModuleType) -> None:
-    s = bench.itl_stats([1.0, 1.1, 1.3, 1.4], 4)
+def test_itl_stats() -> None:
+    s = e2e_client.itl_stats([1.0, 1.1, 1.3, 1.4], 4)
     assert s["itl_median_s"] == pytest.approx(0.1) and s["itl_mean_s"] == pytest.approx(0.4 / 3)
     assert not s["merged"] and s["itl_max_s"] == pytest.approx(0.2)
-    assert bench.itl_stats([1.0, 1.2], 5)["merged"]
+    assert e2e_client.itl_stats([1.0, 1.2], 5)["merged"]
