@@ -32,10 +32,14 @@ def _vllm_cache(batch, hkv: int, d: int, page: int, dtype: torch.dtype) -> torch
             order = tuple(range(len(shape)))
     physical = torch.full([shape[i] for i in order], float("nan"), dtype=dtype, device="cuda")
     kv = physical.permute(*[order.index(i) for i in range(len(shape))])  # logical view
-    if kv.dim() != 5:
-        pytest.skip(f"this vLLM's FlashAttention cache is {tuple(shape)}; test written for "
-                    "[2, blocks, page, Hkv, D] (vLLM 0.26)")
-    key_cache, value_cache = kv.unbind(0)  # what FlashAttentionImpl hands to the cache writer
+    # the views FlashAttentionImpl.forward hands to the cache writer, as that impl makes them
+    if kv.dim() == 4:  # vLLM 0.26: K and V packed in the last dim, logical [blocks, Hkv, page, 2D]
+        key_cache, value_cache = kv.transpose(1, 2).split(d, dim=-1)
+    elif kv.dim() == 5:  # the older layout [2, blocks, page, Hkv, D]
+        key_cache, value_cache = kv.unbind(0)
+    else:
+        raise AssertionError(f"this vLLM's FlashAttention cache is {tuple(shape)}: a layout "
+                             "vllm_seer.backend.compat.cuda_kv_views does not know")
     for b, L in enumerate(batch.seq_lens.tolist()):
         t = torch.arange(L, device="cuda")
         slots = batch.block_table[b, t // page].long() * page + t % page

@@ -167,7 +167,9 @@ def cpu_kv_views(kv_cache: torch.Tensor, isa: str = "vec") -> tuple[torch.Tensor
 def cuda_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention cache → K and V views ``[num_blocks, page, Hkv, D]``.
 
-    vLLM 0.26: ``[2, num_blocks, page, Hkv, D]``; 0.32+: ``[num_blocks, Hkv, page, 2D]`` views.
+    vLLM 0.26 (read in its ``flash_attn.py``): logical ``[num_blocks, Hkv, page, 2D]`` with K and V
+    packed in the last dim, split the way its ``FlashAttentionImpl`` does; the older layout
+    ``[2, num_blocks, page, Hkv, D]`` is unbound.
     """
     if kv_cache.dim() == 5:
         k, v = kv_cache.unbind(0)
