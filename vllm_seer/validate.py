@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vllm_seer.checkpoint import GateCheckpoint
 from vllm_seer.rope import RopeSpec
 
 logger = logging.getLogger(__name__)
@@ -113,9 +114,11 @@ def check_served_model(m: ServedModel) -> None:
 def check_gates_fit(ckpt_config: dict[str, Any], folder: Path, m: ServedModel) -> None:
     """Refuse gates trained for another base model.
 
-    The checkpoint's ``config.json`` carries its base model's config: its model type, sizes and RoPE
-    must equal the served model's (fields absent from the checkpoint are not compared). A different
-    ``base_model`` name alone (a local copy, a fine-tune of the same base) is only logged.
+    The checkpoint's ``config.json`` (as checked by
+    :func:`vllm_seer.checkpoint.read_checkpoint_config`) carries its base model's config: its model
+    type, sizes and RoPE must equal the served model's (fields absent from the checkpoint are not
+    compared). A different ``base_model`` name alone (a local copy, a fine-tune of the same base)
+    is only logged.
 
     Raises:
         UnsupportedModelError: naming the field, both values and the checkpoint file.
@@ -126,11 +129,9 @@ def check_gates_fit(ckpt_config: dict[str, Any], folder: Path, m: ServedModel) -
     served["head_dim"] = m.head_dim
     if served.get("num_key_value_heads") is None:
         served["num_key_value_heads"] = served["num_attention_heads"]
+    ckpt = GateCheckpoint(weights={}, config=ckpt_config, path=folder)  # its derived sizes
     theirs = {k: ckpt_config.get(k) for k in IDENTITY_FIELDS}
-    if theirs["head_dim"] is None and ckpt_config.get("hidden_size") and theirs["num_attention_heads"]:
-        theirs["head_dim"] = ckpt_config["hidden_size"] // theirs["num_attention_heads"]
-    if theirs["num_key_value_heads"] is None:
-        theirs["num_key_value_heads"] = theirs["num_attention_heads"]
+    theirs["head_dim"], theirs["num_key_value_heads"] = ckpt.head_dim, ckpt.num_kv_heads
     for key in IDENTITY_FIELDS:
         a, b = theirs[key], served[key]
         if a is not None and b is not None and a != b:

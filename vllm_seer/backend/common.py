@@ -23,7 +23,6 @@ from vllm_seer.gate import gate_mask
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
 from vllm_seer.metrics import WorkerStats
 from vllm_seer.rope import RopeSpec
-from vllm_seer.validate import SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -181,17 +180,15 @@ def layer_index(layer_name: str) -> int:
 class SeerRuntime:
     """Per-process state: validated config, gate weights on the device, RoPE table, stats."""
 
-    def __init__(self, vllm_config: Any, num_heads: int, num_kv_heads: int, head_dim: int,
-                 tp_rank: int, device: torch.device) -> None:
-        self.config = SeerConfig.from_additional_config(
-            vllm_config.additional_config).for_device(device.type)
+    def __init__(self, vllm_config: Any, config: SeerConfig, num_heads: int, num_kv_heads: int,
+                 head_dim: int, tp_rank: int, device: torch.device) -> None:
+        """``config``: the settings as parsed and checked at start-up (with the served model, by
+        :func:`vllm_seer.backend.runtime.check_startup`); the device default fills in
+        ``min_prefill_tokens`` when it was not given."""
+        self.config = config.for_device(device.type)
         model_config = vllm_config.model_config
         hf = model_config.hf_text_config if hasattr(model_config, "hf_text_config") else (
             model_config.hf_config)
-        archs = list(getattr(model_config.hf_config, "architectures", None) or [])
-        if not set(archs) & set(SUPPORTED_ARCHITECTURES):
-            raise ValueError(f"Seer backend: model architecture {archs} is not supported (NeoX-RoPE "
-                             f"decoders only: {', '.join(SUPPORTED_ARCHITECTURES)})")
         ckpt: GateCheckpoint = load_gates(self.config.gates)
         total_q = num_heads * vllm_config.parallel_config.tensor_parallel_size
         ckpt.check_against(num_layers=model_config.get_num_layers(vllm_config.parallel_config),

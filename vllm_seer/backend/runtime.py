@@ -67,7 +67,7 @@ def get_runtime(vllm_config: Any = None, num_heads: int = 0, num_kv_heads: int =
     if _RUNTIME is None:
         if vllm_config is None or device is None:
             raise RuntimeError("Seer backend: runtime used before any Seer attention layer was built")
-        check_startup(vllm_config)
-        _RUNTIME = SeerRuntime(vllm_config, num_heads, num_kv_heads, head_dim, compat.tp_rank(),
-                               device)
+        config = check_startup(vllm_config)
+        _RUNTIME = SeerRuntime(vllm_config, config, num_heads, num_kv_heads, head_dim,
+                               compat.tp_rank(), device)
     return _RUNTIME
