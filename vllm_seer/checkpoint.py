@@ -59,7 +59,8 @@ class GateCheckpoint:
 
     @property
     def num_kv_heads(self) -> int:
-        return int(self.config.get("num_key_value_heads", self.num_q_heads))
+        kv = self.config.get("num_key_value_heads")  # absent or null: multi-head attention
+        return int(kv) if kv else self.num_q_heads
 
     @property
     def head_dim(self) -> int:

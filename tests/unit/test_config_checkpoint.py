@@ -103,6 +103,15 @@ def test_check_against_model(gates):
         ckpt.check_against(num_layers=2, num_q_heads=4, num_kv_heads=4, head_dim=64)
 
 
+def test_null_kv_heads_means_multi_head(gates):
+    """``num_key_value_heads: null`` (accepted by the config check) reads as num_attention_heads."""
+    cfg_path = gates / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "num_key_value_heads": None}))
+    ckpt = load_gates(gates)
+    assert ckpt.num_kv_heads == ckpt.num_q_heads == 4
+    ckpt.check_against(num_layers=2, num_q_heads=4, num_kv_heads=4, head_dim=64)
+
+
 def test_config_defaults_from_checkpoint_and_overrides(gates):
     cfg = SeerConfig.from_dict({"gates": str(gates)})
     assert cfg.selection.method == "nz_ratio" and cfg.selection.nz_ratio == 0.2
