@@ -207,8 +207,7 @@ def block_select(
     _scores_kernel[(triton.cdiv(mqb, bm), bsz, hq)](
         q_pooled, k_gate, workspace, inv, cu_seqlens_q, seq_lens,
         1.0 / math.sqrt(g), mqb, mkb,
-        *q_pooled.stride()[:3],
-        bsz * mkbp * group * g, mkbp * group * g, group * g, g,
+        *q_pooled.stride()[:3], *k_gate.view(hkv, bsz, mkbp, group, g).stride()[:4],
         HQ=hq, GROUP=group, G=g, BLOCK=block_size, BM=bm, BN=bn,
         PRECISION="ieee" if INTERPRET else "tf32x3", LIBDEVICE=not INTERPRET, num_warps=4,
     )
