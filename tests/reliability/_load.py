@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from vllm_seer.testing import SeerServer, parse_metrics
+from vllm_seer.testing import SeerServer, metric_sum, parse_metrics
 
 # words the tiny model's tokenizer (trained on stdlib sources) knows; ~2 tokens per word
 WORDS = sorted(set(keyword.kwlist)
@@ -180,13 +180,18 @@ def sequential(srv: SeerServer, reqs: list[Req], timeout: float = 240.0) -> list
     return asyncio.run(asyncio.wait_for(run(), timeout))
 
 
+def in_flight(samples: dict[str, float]) -> float:
+    """Requests running or waiting in the server, from vLLM's ``/metrics`` samples."""
+    return (metric_sum(samples, "vllm:num_requests_running")
+            + metric_sum(samples, "vllm:num_requests_waiting"))
+
+
 def wait_idle(srv: SeerServer, timeout: float = 60.0) -> dict[str, float]:
     """Poll ``/metrics`` until no request is running or waiting; returns vLLM's samples."""
     deadline = time.monotonic() + timeout
     while True:
         samples = parse_metrics(srv.metrics_text(), "vllm:")
-        busy = sum(v for k, v in samples.items()
-                   if k.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
+        busy = in_flight(samples)
         if busy == 0:
             return samples
         if time.monotonic() > deadline:

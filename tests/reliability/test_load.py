@@ -33,6 +33,7 @@ from _load import (
     burst,
     cmdline,
     describe,
+    in_flight,
     make_mix,
     measure_prompts,
     rss_mib,
@@ -226,8 +227,7 @@ def start_streams(srv: SeerServer, reqs: list[Req], read_timeout: float) -> tupl
     deadline = time.monotonic() + 60
     while True:
         samples = parse_metrics(srv.metrics_text(), "vllm:")
-        inside = metric_sum(samples, "vllm:num_requests_running") + metric_sum(
-            samples, "vllm:num_requests_waiting")
+        inside = in_flight(samples)
         if inside == len(reqs) and metric_sum(samples, "vllm:generation_tokens_total") > 0:
             break
         assert time.monotonic() < deadline, f"only {inside:.0f} requests arrived"
