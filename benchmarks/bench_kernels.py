@@ -84,6 +84,12 @@ def _vllm_kernels():
     return flash_attn_varlen_func, unified_attention, vllm.__version__
 
 
+def _fa3_call(fa3, q, k_cache, v_cache, bt, cu, lens, max_q: int, max_k: int, scale: float, out):
+    """vLLM's FA3 varlen call over the paged cache (``max_q`` query rows, ``max_k`` context)."""
+    return lambda: fa3(q, k_cache, v_cache, max_q, cu, max_k, seqused_k=lens, softmax_scale=scale,
+                       causal=True, block_table=bt, out=out, fa_version=3)
+
+
 def _vllm_baselines(kernels, q, k_cache, v_cache, bt, cu, lens, L: int, scale: float,
                     rep: int) -> dict[str, float]:
     """vLLM FA3 and Triton unified attention over the same paged cache (ms; NaN when absent)."""
@@ -92,9 +98,7 @@ def _vllm_baselines(kernels, q, k_cache, v_cache, bt, cu, lens, L: int, scale: f
         return res
     fa3, unified, _ = kernels
     out = torch.empty_like(q)
-    res["fa3"] = _bench(lambda: fa3(q, k_cache, v_cache, L, cu, L, seqused_k=lens,
-                                    softmax_scale=scale, causal=True, block_table=bt, out=out,
-                                    fa_version=3), rep)
+    res["fa3"] = _bench(_fa3_call(fa3, q, k_cache, v_cache, bt, cu, lens, L, L, scale, out), rep)
     res["vtriton"] = _bench(lambda: unified(
         q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=cu, max_seqlen_q=L, seqused_k=lens,
         max_seqlen_k=L, softmax_scale=scale, causal=True, window_size=(-1, -1), block_table=bt,
@@ -272,10 +276,8 @@ def profile_chunk(model: str, L: int, chunk: int, vkernels, density: float = 0.1
     res["gate_host"] = (time.perf_counter() - t0) / 20 * 1e3
     torch.cuda.synchronize()
     if vkernels is not None:
-        fa3 = vkernels[0]
-        res["fa3"] = _bench(lambda: fa3(q, k_cache, v_cache, chunk, cu, L, seqused_k=lens,
-                                        softmax_scale=scale, causal=True, block_table=bt, out=out,
-                                        fa_version=3), 100)
+        res["fa3"] = _bench(_fa3_call(vkernels[0], q, k_cache, v_cache, bt, cu, lens, chunk, L,
+                                      scale, out), 100)
     res["density"] = float(bufs.block_count.double().sum()) / (
         hq * sum(qb + 1 for qb in range((L - chunk) // BS, (L - 1) // BS + 1)))
     print(f"chunk {model} ctx {L} rows {chunk} d={density} (ms):",
