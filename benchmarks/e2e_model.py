@@ -106,18 +106,12 @@ def build_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def build_gates(out: Path, config: dict[str, Any], seed: int = 1) -> Path:
-    """Random gate weights for ``config`` (``[Hq, 3*d, d]`` per layer, bf16), top-k mode."""
-    import torch
+    """Random gate weights for ``config`` (``[Hq, 3*d, d]`` per layer, bf16), top-k mode;
+    safetensors only (an 8B model's gates are ~100 MB per format)."""
+    from vllm_seer.tiny_model import build_random_gates
 
-    from vllm_seer.checkpoint import save_gates, seer_config_fields
-
-    hq, d = int(config["num_attention_heads"]), int(config["head_dim"])
-    gen = torch.Generator().manual_seed(seed)
-    weights = {i: (torch.randn(hq, 3 * d, d, generator=gen) / (3 * d) ** 0.5).to(torch.bfloat16)
-               for i in range(int(config["num_hidden_layers"]))}
-    fields = seer_config_fields(method="nz_ratio", nz_ratio=0.1, gate_hidden=d)
-    return save_gates(out, weights, {**config, "base_model": "vllm-seer/llama-3.1-8b-dummy", **fields},
-                      formats=("safetensors",))
+    return build_random_gates(out, config, seed, base_model="vllm-seer/llama-3.1-8b-dummy",
+                              formats=("safetensors",), method="nz_ratio", nz_ratio=0.1)
 
 
 def ensure_model(folder: Path, tiny: bool = False) -> Path:

@@ -81,13 +81,17 @@ def build_tiny_llama(out: str | Path, *, num_layers: int = 4, num_heads: int = 4
 
 
 def build_random_gates(out: str | Path, model_config: dict, seed: int = 1,
-                       dtype: torch.dtype = torch.bfloat16, **seer_fields: object) -> Path:
-    """Random gate weights for ``model_config`` in the upstream layout (+ safetensors)."""
+                       dtype: torch.dtype = torch.bfloat16, *,
+                       base_model: str = "vllm-seer/tiny-llama",
+                       formats: tuple[str, ...] = ("pth", "safetensors"),
+                       **seer_fields: object) -> Path:
+    """Random gate weights for ``model_config`` in the upstream layout (+ safetensors), each
+    ``[Hq, 3*d, d]`` scaled by ``1/sqrt(3*d)``; ``seer_fields`` go to ``seer_config_fields``."""
     hq = model_config["num_attention_heads"]
     d = model_config.get("head_dim") or model_config["hidden_size"] // hq
     gen = torch.Generator().manual_seed(seed)
     weights = {i: (torch.randn(hq, 3 * d, d, generator=gen) / (3 * d) ** 0.5).to(dtype)
                for i in range(model_config["num_hidden_layers"])}
     fields = seer_config_fields(gate_hidden=d, **seer_fields)  # type: ignore[arg-type]
-    config = {**model_config, "base_model": "vllm-seer/tiny-llama", **fields}
-    return save_gates(out, weights, config)
+    config = {**model_config, "base_model": base_model, **fields}
+    return save_gates(out, weights, config, formats)
