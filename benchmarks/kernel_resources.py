@@ -23,7 +23,8 @@ from triton.compiler import ASTSource
 
 POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16",
             "bt_ptr": "*i32", "cu_ptr": "*i32", "lens_ptr": "*i32", "idx_ptr": "*i32",
-            "cnt_ptr": "*i32"}
+            "cnt_ptr": "*i32", "row_slot_ptr": "*i32", "seg_ptr": "*i32", "counter_ptr": "*i32",
+            "pacc_ptr": "*fp32", "pml_ptr": "*fp32"}
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 
 
@@ -43,7 +44,7 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
 
     fn = sp._sparse_prefill_kernel.fn
     const = dict(HQ=32, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                 PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, **config.kwargs)
+                 PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, SPLIT=True, **config.kwargs)
     const.update(dict.fromkeys(UNIT_STRIDES, 1))
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_seer.gate import Selection
+from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,21 @@ class SeerBuffers:
     block_index: torch.Tensor  # [B, Hq, MQB, MKB] int32
     block_count: torch.Tensor  # [B, Hq, MQB] int32
     scores: torch.Tensor  # [B * Hq * MQB * MKB] fp32 workspace of block_select
+    split: SplitWork | None = None  # long-row slices of sparse_prefill (None: no row can be long)
 
     @classmethod
     def allocate(cls, plan: SeerPlan, hq: int, hkv: int, head_dim: int,
-                 device: torch.device | str) -> SeerBuffers:
+                 device: torch.device | str, split_blocks: int = 128,
+                 split_capacity: int = 2048) -> SeerBuffers:
+        """``split_blocks`` / ``split_capacity``: see :class:`SplitWork` (its partials take
+        ``split_capacity * block * head_dim * 4`` bytes, only when a row can exceed
+        ``split_blocks``)."""
         b, mqb, mkb = plan.num_reqs, plan.max_qblocks, plan.max_kblocks
         f32 = dict(dtype=torch.float32, device=device)
+        split = None
+        if mkb > split_blocks:
+            split = SplitWork.allocate(b * hq * mqb, head_dim, device, plan.block_size,
+                                       split_capacity, split_blocks)
         return cls(
             plan,
             torch.empty(b, mqb, hq, head_dim, **f32),
@@ -79,6 +89,7 @@ class SeerBuffers:
             torch.empty(b, hq, mqb, mkb, dtype=torch.int32, device=device),
             torch.empty(b, hq, mqb, dtype=torch.int32, device=device),
             torch.empty(b * hq * mqb * mkb, **f32),
+            split,
         )
 
 
@@ -110,4 +121,4 @@ def seer_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     seer_gate(q, k_cache, block_table, cu_seqlens_q, seq_lens, weight, inv_freq, sel, bufs)
     return sparse_prefill_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
                                 bufs.block_index, bufs.block_count, out, scale,
-                                bufs.plan.block_size)
+                                bufs.plan.block_size, bufs.split)

@@ -2,18 +2,26 @@
 
 Same signature and semantics as
 :func:`vllm_seer.kernels.sparse_prefill.naive.sparse_prefill_paged_ref` (layout notes live there and
-in ``kernels/README.md``).
+in ``kernels/README.md``), plus an optional :class:`~.split.SplitWork` workspace.
 
-Launch: one program per (local query block, request, query head); grid ``(MQB, B, Hq)`` read from
-the shape of ``block_index`` so no host sync is needed. Programs whose query block lies past their
-request's rows exit at once; the heaviest (last) query blocks are scheduled first. Each program
-keeps a ``[block_size, D]`` query tile in registers and walks its own list of key blocks
-(FlashAttention-2 online softmax, fp32 accumulation). Lists are ascending and causal, so every
-entry but a final diagonal one is a complete block entirely in the past of the tile: those run
-without any mask (no causal compare, unmasked vectorised K/V loads) and only the diagonal block is
-masked. K is read straight into a ``[D, block]`` tile (no transpose). The query heads of one KV
-group read the same K/V pages, which then mostly come from L2 (see the README for the trade-off
-against iterating the union of a group's lists).
+Schedule (one 1-D grid, no host sync; dispatch follows program order):
+
+1. the first ``capacity`` programs run the slices of *split* rows (rows whose list is longer than
+   ``split_blocks``, e.g. the dense last query-block rows of a chunked-prefill step, see
+   :mod:`.split`), each at most ``split_blocks`` key blocks, and write partial results;
+2. then one program per remaining row, heaviest first across all requests and heads: the local
+   query block ``j`` is the slowest index (descending; causal rows grow with ``j``), the heads of a
+   KV group are adjacent (they read the same K/V pages, which then come from L2);
+3. a combine kernel merges the slices of the split rows.
+
+Each program keeps one ``[block, D]`` query tile in registers and walks its slice of the row's
+ascending list (FlashAttention-2 online softmax, exp2, fp32 accumulation). The next entry's block id
+and page ids are loaded one iteration ahead and carried in the loop, so the K/V addresses of an
+iteration never wait on a load issued in the same iteration and the loads can be pipelined. With
+pages of at least one gate block (``page_size % block == 0``) a key block is one contiguous run of a
+page: one page id per block instead of one per token. Every entry but a final diagonal one is a
+complete block entirely in the past of the tile: those run without masks; only the diagonal block is
+masked.
 """
 
 from __future__ import annotations
@@ -23,66 +31,39 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vllm_seer.kernels.sparse_prefill.split import SplitWork, combine_splits, plan_splits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs() -> list[triton.Config]:
-    """``PAIR``: key blocks per inner iteration (2 = two list entries gathered into one 128-wide
-    key tile: wider tensor-core dots and half the online-softmax rescales)."""
-    if INTERPRET:  # PAIR 2 exercises the pair loop, the odd single block and the diagonal
-        return [triton.Config({"PAIR": 2}, num_warps=4, num_stages=1)]
-    return [triton.Config({"PAIR": p}, num_warps=w, num_stages=s)
-            for p in (1, 2) for w in (4, 8) for s in (2, 3)]
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 
 
 @triton.jit
-def _attend(q, acc, m_i, l_i, pos_k, b, pos_q, seq_len, qk_scale,
-            k_ptr, v_ptr, bt_ptr, offs_d,
-            stride_kp, stride_kt, stride_kd, stride_vp, stride_vt, stride_vd, stride_btb, stride_btp,
-            kvh_off_k, kvh_off_v,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-            BLOCK: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One key tile (``pos_k``: ``[N]`` absolute key positions, one or two gate blocks) of the
-    online softmax: returns the updated ``(acc, m_i, l_i)``.
+def _token_offsets(kb, bt_row, stride_btp, stride_p, stride_t, offs_n,
+                   PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """``[BLOCK]`` int64 cache offsets of the tokens of key block ``kb`` (page + slot)."""
+    pos = kb.to(tl.int64) * BLOCK + offs_n
+    if PAGE_SIZE % BLOCK == 0:  # the block is one contiguous run of one page
+        page = tl.load(bt_row + (kb.to(tl.int64) * BLOCK // PAGE_SIZE) * stride_btp).to(tl.int64)
+        return page * stride_p + (pos % PAGE_SIZE) * stride_t
+    else:
+        page = tl.load(bt_row + (pos // PAGE_SIZE) * stride_btp).to(tl.int64)
+        return page * stride_p + (pos % PAGE_SIZE) * stride_t
 
-    ``MASKED`` only for the diagonal block: off-diagonal blocks of an ascending causal list are
-    complete and entirely in the past of every query row, so they need neither mask.
-    """
-    if MASKED:  # the diagonal block may run past the request's last page
-        page = tl.load(bt_ptr + b * stride_btb + (pos_k // PAGE_SIZE) * stride_btp,
-                       mask=pos_k < seq_len, other=0).to(tl.int64)
-    else:
-        page = tl.load(bt_ptr + b * stride_btb + (pos_k // PAGE_SIZE) * stride_btp).to(tl.int64)
-    slot = pos_k % PAGE_SIZE
-    # K^T tile [BLOCK_D, N] read straight from the cache; V tile [N, BLOCK_D]
-    kt_ptrs = (k_ptr + kvh_off_k + page[None, :] * stride_kp + slot[None, :] * stride_kt
-               + offs_d[:, None] * stride_kd)
-    v_ptrs = (v_ptr + kvh_off_v + page[:, None] * stride_vp + slot[:, None] * stride_vt
-              + offs_d[None, :] * stride_vd)
-    if MASKED:
-        k_ok = pos_k < seq_len
-        if HEAD_DIM == BLOCK_D:
-            kt = tl.load(kt_ptrs, mask=k_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
-        else:
-            d_ok = offs_d < HEAD_DIM
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    else:
-        if HEAD_DIM == BLOCK_D:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            d_ok = offs_d < HEAD_DIM
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+
+@triton.jit
+def _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.constexpr,
+                         DOT_FP32: tl.constexpr):
+    """One ``[BLOCK, BLOCK]`` key tile of the online softmax; ``ok`` masks (diagonal only)."""
     if DOT_FP32:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, kt) * qk_scale  # [BLOCK, N], log2 domain
     if MASKED:
-        ok = (pos_k[None, :] < seq_len) & (pos_k[None, :] <= pos_q[:, None])
         s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -92,35 +73,58 @@ def _attend(q, acc, m_i, l_i, pos_k, b, pos_q, seq_len, qk_scale,
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK"])
-@triton.jit(do_not_specialize=["MQB", "MKB"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "PAGE_SIZE"])
+@triton.jit(do_not_specialize=["MQB", "MKB", "NSEG_GRID", "SEG", "CAP"])
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     bt_ptr, cu_ptr, lens_ptr, idx_ptr, cnt_ptr,
-    scale,
-    MQB, MKB,
+    row_slot_ptr, seg_ptr, counter_ptr, pacc_ptr, pml_ptr,
+    scale, MQB, MKB, NB, NSEG_GRID, SEG, CAP,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_vp, stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_btb, stride_btp,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, PAIR: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
-    j = MQB - 1 - tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
+    # NB = B * HQ; programs [0, NSEG_GRID) run split slices, the rest whole rows (heaviest first)
+    pid = tl.program_id(0)
+    if SPLIT and pid < NSEG_GRID:
+        used = tl.minimum(tl.load(counter_ptr), CAP)
+        t = tl.minimum(pid, CAP - 1)
+        row = tl.load(seg_ptr + t * 3)
+        sl = tl.load(seg_ptr + t * 3 + 1)
+        valid = (pid < used) & (tl.load(seg_ptr + t * 3 + 2) > 0)
+        row = tl.where(valid, row, 0)  # unused slots hold garbage
+        sl = tl.where(valid, sl, 0)
+        is_slice = True
+    else:
+        rr = pid - NSEG_GRID
+        j0 = MQB - 1 - rr // NB
+        bh = rr % NB
+        row = bh * MQB + j0
+        sl = 0
+        t = 0
+        valid = True
+        if SPLIT:
+            valid = tl.load(row_slot_ptr + row) < 0
+        is_slice = False
+    j = row % MQB
+    h = ((row // MQB) % HQ).to(tl.int64)
+    b = (row // (MQB * HQ)).to(tl.int64)
     q_lo = tl.load(cu_ptr + b).to(tl.int64)
     n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
     start = seq_len - n
     qb0 = start // BLOCK
     nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
-    if j < nqb:
+    if valid & (j < nqb):
         kvh = h // GROUP
         qb = qb0 + j
-        pos_q = qb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] absolute positions
+        offs_m = tl.arange(0, BLOCK)
+        pos_q = qb * BLOCK + offs_m  # [BLOCK] absolute positions
         row_ok = (pos_q >= start) & (pos_q < seq_len)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
@@ -133,43 +137,66 @@ def _sparse_prefill_kernel(
         m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-        row = (b * HQ + h) * MQB + j
         count = tl.load(cnt_ptr + row)
+        lo = sl * SEG
+        hi = count
+        if is_slice:
+            hi = tl.minimum(lo + SEG, count)
         list_ptr = idx_ptr + row.to(tl.int64) * MKB
-        offs_k = tl.arange(0, BLOCK)
+        bt_row = bt_ptr + b * stride_btb
+        k_base = k_ptr + kvh * stride_kh
+        v_base = v_ptr + kvh * stride_vh
         # lists are ascending and causal: only a last entry equal to the diagonal needs masks
         last = tl.load(list_ptr + tl.maximum(count - 1, 0))
-        n_full = tl.where((count > 0) & (last >= qb), count - 1, count)
-        kv_args = (k_ptr, v_ptr, bt_ptr, offs_d, stride_kp, stride_kt, stride_kd, stride_vp,
-                   stride_vt, stride_vd, stride_btb, stride_btp, kvh * stride_kh, kvh * stride_vh)
-        if PAIR == 2:
-            offs_n = tl.arange(0, 2 * BLOCK)
-            for i in range(0, n_full - 1, 2):
-                kb0 = tl.load(list_ptr + i).to(tl.int64)
-                kb1 = tl.load(list_ptr + i + 1).to(tl.int64)
-                pos_k = tl.where(offs_n < BLOCK, kb0, kb1) * BLOCK + offs_n % BLOCK
-                acc, m_i, l_i = _attend(q, acc, m_i, l_i, pos_k, b, pos_q, seq_len, qk_scale,
-                                        *kv_args, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK, False,
-                                        DOT_FP32)
-            if n_full % 2 == 1:
-                kb = tl.load(list_ptr + n_full - 1).to(tl.int64)
-                acc, m_i, l_i = _attend(q, acc, m_i, l_i, kb * BLOCK + offs_k, b, pos_q, seq_len,
-                                        qk_scale, *kv_args, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK,
-                                        False, DOT_FP32)
+        n_full = tl.where((count > 0) & (hi == count) & (last >= qb), hi - 1, hi)
+        dk = offs_d[:, None] * stride_kd
+        dv = offs_d[None, :] * stride_vd
+        # software pipeline: the next entry's block id and token offsets are loaded one iteration
+        # ahead and carried, so this iteration's K/V addresses are ready at its top
+        kb = tl.load(list_ptr + tl.minimum(lo, tl.maximum(n_full - 1, 0)))
+        tok_k = _token_offsets(kb, bt_row, stride_btp, stride_kp, stride_kt, offs_m, PAGE_SIZE,
+                               BLOCK)
+        tok_v = _token_offsets(kb, bt_row, stride_btp, stride_vp, stride_vt, offs_m, PAGE_SIZE,
+                               BLOCK)
+        for i in range(lo, n_full):
+            kb_n = tl.load(list_ptr + tl.minimum(i + 1, n_full - 1))
+            if HEAD_DIM == BLOCK_D:
+                kt = tl.load(k_base + tok_k[None, :] + dk)
+                v = tl.load(v_base + tok_v[:, None] + dv)
+            else:
+                kt = tl.load(k_base + tok_k[None, :] + dk, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_base + tok_v[:, None] + dv, mask=d_ok[None, :], other=0.0)
+            tok_k = _token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+                                   PAGE_SIZE, BLOCK)
+            tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
+                                   PAGE_SIZE, BLOCK)
+            acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True, False,
+                                                 DOT_FP32)
+        if n_full < hi:  # the diagonal block: may run past the request's last token
+            pos_k = last.to(tl.int64) * BLOCK + offs_m
+            k_ok = pos_k < seq_len
+            page = tl.load(bt_row + (pos_k // PAGE_SIZE) * stride_btp, mask=k_ok,
+                           other=0).to(tl.int64)
+            slot = pos_k % PAGE_SIZE
+            kt = tl.load(k_base + (page * stride_kp + slot * stride_kt)[None, :] + dk,
+                         mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None] + dv,
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            ok = k_ok[None, :] & (pos_k[None, :] <= pos_q[:, None])
+            acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,
+                                                 DOT_FP32)
+        if is_slice:  # unnormalised partial result of this slice (merged by the combine kernel)
+            slot = t.to(tl.int64)
+            p_ptrs = pacc_ptr + slot * BLOCK * BLOCK_D + offs_m[:, None] * BLOCK_D
+            tl.store(p_ptrs + offs_d[None, :], acc)
+            tl.store(pml_ptr + slot * 2 * BLOCK + offs_m, m_i)
+            tl.store(pml_ptr + slot * 2 * BLOCK + BLOCK + offs_m, l_i)
         else:
-            for i in range(0, n_full):
-                kb = tl.load(list_ptr + i).to(tl.int64)
-                acc, m_i, l_i = _attend(q, acc, m_i, l_i, kb * BLOCK + offs_k, b, pos_q, seq_len,
-                                        qk_scale, *kv_args, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK,
-                                        False, DOT_FP32)
-        if n_full < count:
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, last.to(tl.int64) * BLOCK + offs_k, b, pos_q,
-                                    seq_len, qk_scale, *kv_args, HEAD_DIM, BLOCK_D, PAGE_SIZE,
-                                    BLOCK, True, DOT_FP32)
-        # a row without any allowed key (count == 0) is written as zeros, not NaN
-        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_ptrs = o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            # a row without any allowed key (count == 0) is written as zeros, not NaN
+            acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_ptrs = (o_ptr + q_rows[:, None] * stride_ot + h * stride_oh
+                      + offs_d[None, :] * stride_od)
+            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def sparse_prefill_paged(
@@ -184,6 +211,7 @@ def sparse_prefill_paged(
     out: torch.Tensor,
     scale: float,
     block_size: int = 64,
+    work: SplitWork | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of packed prefill rows over the paged cache (Triton).
 
@@ -198,6 +226,9 @@ def sparse_prefill_paged(
         out: ``[T, Hq, D]`` written in place (rows of every request; other rows untouched).
         scale: softmax scale.
         block_size: gate block size (tokens); also the query and key tile.
+        work: workspace for splitting long rows (:class:`SplitWork`, reused across calls; one
+            with the default split length and capacity is allocated when ``None`` and a row could
+            be longer than the split length).
     Returns:
         ``out``.
     """
@@ -210,13 +241,29 @@ def sparse_prefill_paged(
         return out
     block_index = block_index.contiguous()
     block_count = block_count.contiguous()
-    grid = (mqb, bsz, hq)
-    _sparse_prefill_kernel[grid](
+    rows = bsz * hq * mqb
+    if work is None and mkb > 128:
+        work = SplitWork.allocate(rows, d, q.device, block_size)
+    split = work is not None and mkb > work.split_blocks
+    if split:
+        if work.acc.shape[1] != block_size or work.acc.shape[2] != triton.next_power_of_2(d):
+            raise ValueError(f"SplitWork tiles {tuple(work.acc.shape[1:])} do not fit block "
+                             f"{block_size} x head dim {d}")
+        plan_splits(block_count, work)
+        nseg_grid, seg, cap = work.capacity, work.split_blocks, work.capacity
+        ws = (work.row_slot, work.segs, work.counter, work.acc, work.ml)
+    else:
+        nseg_grid, seg, cap = 0, mkb, 1
+        ws = (block_count, block_count, block_count, out, out)  # unused (SPLIT=False)
+    _sparse_prefill_kernel[(nseg_grid + rows,)](
         q, k_cache, v_cache, out,
-        block_table, cu_seqlens_q, seq_lens, block_index, block_count,
-        float(scale), mqb, mkb,
+        block_table, cu_seqlens_q, seq_lens, block_index, block_count, *ws,
+        float(scale), mqb, mkb, bsz * hq, nseg_grid, seg, cap,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
         HQ=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         PAGE_SIZE=page_size, BLOCK=block_size, DOT_FP32=INTERPRET or q.dtype == torch.float32,
+        SPLIT=split,
     )
+    if split:
+        combine_splits(out, cu_seqlens_q, seq_lens, mqb, work, block_size)
     return out

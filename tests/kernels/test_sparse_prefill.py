@@ -26,8 +26,11 @@ GPU_CASES = {
 }
 
 
-def _run(case: tuple, dtype: torch.dtype, max_kblocks_pad: int = 0) -> None:
+def _run(case: tuple, dtype: torch.dtype, max_kblocks_pad: int = 0,
+         split: tuple[int, int] | None = None) -> None:
+    """``split``: ``(split_blocks, capacity)`` of the long-row workspace (default: the kernel's)."""
     from vllm_seer.kernels.sparse_prefill import sparse_prefill_paged
+    from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
     lens, n_new, hq, hkv, d, page, layout, bs, dens = case
     batch = make_batch(lens, n_new, hq, hkv, d, page, dtype, layout, DEVICE)
@@ -39,14 +42,38 @@ def _run(case: tuple, dtype: torch.dtype, max_kblocks_pad: int = 0) -> None:
     scale = 1.0 / math.sqrt(d)
     ref = sparse_prefill_paged_ref(*args, torch.full_like(batch.q, float("nan")), scale, bs)
     out = torch.full_like(batch.q, float("nan"))
-    got = sparse_prefill_paged(*args, out, scale, bs)
+    work = None
+    if split is not None:
+        work = SplitWork.allocate(index.numel() // mkb, d, DEVICE, bs, capacity=split[1],
+                                  split_blocks=split[0])
+    got = sparse_prefill_paged(*args, out, scale, bs, work=work)
     assert got is out
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    if work is not None:  # the split path really ran (and, with a small capacity, overflowed)
+        n_split = int((count > split[0]).sum())
+        taken = int((work.row_slot[:count.numel()] >= 0).sum())
+        assert n_split > 0 and 0 < taken <= n_split
+        assert (taken < n_split) == (int(work.counter) > split[1])
 
 
 @pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
 def test_sparse_prefill_matches_reference(case: tuple) -> None:
     _run(case, torch.float16, max_kblocks_pad=1)
+
+
+# long rows split into slices of 2 key blocks (merged by the combine kernel); with capacity 5 only
+# the first rows fit and the others run whole in one program
+SPLIT_CASES = {
+    "split-ragged-chunked-p16": (([330, 64, 260], [200, 64, 260], 4, 2, 64, 16, "token", 64, 0.8),
+                                 (2, 4096)),
+    "split-overflow-p64-head": (([300, 200], [150, 200], 3, 1, 64, 64, "head", 64, 0.9), (2, 5)),
+    "split-p128-small-blocks": (([260], [100], 2, 1, 64, 128, "kv", 32, 0.7), (3, 4096)),
+}
+
+
+@pytest.mark.parametrize("case,split", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
+def test_sparse_prefill_split_rows(case: tuple, split: tuple[int, int]) -> None:
+    _run(case, torch.float16, split=split)
 
 
 def test_sparse_prefill_bf16_dense_row() -> None:

@@ -102,7 +102,8 @@ class SeerCUDAImpl(FlashAttentionImpl):
         seer_gate(q, k_cache, block_table, cu, lens, rt.weights[layer], rt.inv_freq,
                   rt.config.selection, bufs)
         sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
-                             bufs.block_count, torch.empty_like(q), self.scale, rt.block_size)
+                             bufs.block_count, torch.empty_like(q), self.scale, rt.block_size,
+                             bufs.split)
         torch.cuda.synchronize()
         logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic %d-token prefill)",
                     time.perf_counter() - t0, n)
@@ -137,7 +138,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         t1 = timer.mark()
         sparse_prefill_paged(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
                              plan.seq_lens, bufs.block_index, bufs.block_count, out, self.scale,
-                             bufs.plan.block_size)
+                             bufs.plan.block_size, bufs.split)
         t2 = timer.mark()
         output.index_copy_(0, plan.token_rows, out)
         computed = bufs.block_count.sum(dim=(1, 2)).to(torch.int64)
