@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import platform
 import time
 
 import torch
 import triton
+from flex_baseline import FLEX_CONFIGS, block_mask_dense, flex_block_mask, time_flex_configs
 from triton.testing import do_bench
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
+from vllm_seer.kernels.sparse_prefill import masks_to_block_lists
 from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
 from vllm_seer.gate import Selection
@@ -106,41 +109,41 @@ def _vllm_baselines(kernels, q, k_cache, v_cache, bt, cu, lens, L: int, scale: f
     return res
 
 
-def _flex_mask(index: torch.Tensor, count: torch.Tensor, L: int):
-    """BlockMask from Seer block lists: diagonal blocks partial (causal), the rest full."""
-    from torch.nn.attention.flex_attention import BlockMask, _dense_to_ordered
+def _seer_lists(kind: str, dens: float, L: int, hq: int, dev: str, gate, bufs, real_path: str):
+    """Block lists for one selection kind: ``random`` = the gate's own top-k on random inputs
+    (runs ``gate``), ``structured`` / ``real`` = masks from ``benchmarks/real_selections.py``."""
+    if kind == "random":
+        gate()
+        return bufs.block_index, bufs.block_count
+    import real_selections as rs
 
-    b, h, mqb, mkb = index.shape
-    live = torch.arange(mkb, device=index.device) < count[..., None]
-    dense = torch.zeros(b, h, mqb, mkb + 1, dtype=torch.bool, device=index.device)
-    dense.scatter_(-1, torch.where(live, index.long(), mkb), True)
-    dense = dense[..., :mkb]
-    diag = torch.eye(mqb, mkb, dtype=torch.bool, device=index.device).expand(b, h, mqb, mkb)
-    part_cnt, part_idx = _dense_to_ordered(dense & diag)
-    full_cnt, full_idx = _dense_to_ordered(dense & ~diag)
-
-    def causal(b, h, q, k):
-        return q >= k
-
-    return BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx,
-                                    BLOCK_SIZE=(BS, BS), mask_mod=causal, seq_lengths=(L, L))
+    if kind == "structured":
+        mask = rs.structured_selection(hq, L, dens, seed=0)
+    else:
+        mask = rs.load_real_selection(real_path, n_heads=hq, seq_len=L, nz_ratio=dens)
+    index, count = masks_to_block_lists([mask.to(dev)], bufs.block_index.shape[-1])
+    return index, count
 
 
-def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: list[dict],
-             flex, vkernels) -> None:
+def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows: list[dict],
+             flex, vkernels, pages: tuple[int, ...], real_path: str) -> None:
     hq, hkv, d, theta = MODELS[model]
     dev = "cuda"
     dt = torch.bfloat16
     q = torch.randn(L, hq, d, dtype=dt, device=dev)
     k = torch.randn(L, hkv, d, dtype=dt, device=dev)
     v = torch.randn(L, hkv, d, dtype=dt, device=dev)
-    k_cache, bt = _paged(k, PAGE)
-    # V pages at the same block-table slots as K
-    n_pages = bt.shape[1]
-    flat_v = torch.zeros(n_pages * PAGE, hkv, d, dtype=dt, device=dev)
-    flat_v[:L] = v
-    v_cache = torch.zeros_like(k_cache)
-    v_cache[bt[0].long()] = flat_v.view(n_pages, PAGE, hkv, d)
+    caches = {}
+    for page in pages:
+        k_cache, bt = _paged(k, page)
+        # V pages at the same block-table slots as K
+        n_pages = bt.shape[1]
+        flat_v = torch.zeros(n_pages * page, hkv, d, dtype=dt, device=dev)
+        flat_v[:L] = v
+        v_cache = torch.zeros_like(k_cache)
+        v_cache[bt[0].long()] = flat_v.view(n_pages, page, hkv, d)
+        caches[page] = (k_cache, v_cache, bt)
+    k_cache, v_cache, bt = caches[pages[0]]
     cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
     lens = torch.tensor([L], dtype=torch.int32, device=dev)
     inv = RopeSpec(d, theta).inv_freq().to(dev)
@@ -175,51 +178,77 @@ def run_case(model: str, L: int, rep: int, densities: tuple[float, ...], rows: l
         print(f"{model} {L}: vLLM baselines failed: {type(e).__name__}: {e}"[:400], flush=True)
     print(f"{model} {L} dense baselines (ms): {base}", flush=True)
     kt_g, vt_g = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    for dens in densities:
+    gate_ms: dict[float, float] = {}
+    for kind, dens in cases:
         sel = Selection("nz_ratio", 0.0, dens, True)
-        seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)
         gate = lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)  # noqa: E731,B023
-        t_gate = _bench(gate, rep)
-        attn = lambda: sparse_prefill_paged(q, k_cache, v_cache, bt, cu, lens,  # noqa: E731
-                                            bufs.block_index, bufs.block_count, out, scale)
-        t_attn = _bench(attn, rep)
+        if dens not in gate_ms:  # the gate's cost does not depend on the values it selects from
+            gate()
+            gate_ms[dens] = _bench(gate, rep)
+        index, count = _seer_lists(kind, dens, L, hq, dev, gate, bufs, real_path)
+        t_attn = {}
+        for page, (kc, vc, btp) in caches.items():
+            t_attn[page] = _bench(lambda kc=kc, vc=vc, btp=btp, ix=index, ct=count:  # noqa: B023
+                                  sparse_prefill_paged(q, kc, vc, btp, cu, lens, ix, ct, out,
+                                                       scale, BS, bufs.split), rep)
+        attn = t_attn[pages[0]]
+        full = gate_ms[dens] + attn
+        if kind == "random":  # gate + attention back to back, as the backend runs them
 
-        def full():
-            seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)  # noqa: B023
-            attn()  # noqa: B023
+            def both():
+                gate()  # noqa: B023
+                sparse_prefill_paged(q, k_cache, v_cache, bt, cu, lens, bufs.block_index,
+                                     bufs.block_count, out, scale, BS, bufs.split)
 
-        t_full = _bench(full, rep)
-        if dens == 0.1:  # gate breakdown
+            full = _bench(both, rep)
+        if dens == 0.1 and kind == "random":  # gate breakdown
             parts = _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs)
             print(f"{model} {L} gate breakdown (ms):",
                   {k: round(_bench(f, rep), 4) for k, f in parts.items()}, flush=True)
-        cnt = bufs.block_count.double()
+        cnt = count.double()
         nqb = cnt.shape[-1]
         blocks = cnt.sum().item()
-        causal_blocks = hq * nqb * (nqb + 1) / 2
-        density = blocks / causal_blocks
-        # group-union density: blocks a (request, kv head, query block) program would iterate
-        mask = torch.zeros(hq, nqb, plan.max_kblocks + 1, dtype=torch.bool, device=dev)
-        idx = bufs.block_index[0].long().clamp(min=0)
-        live = torch.arange(idx.shape[-1], device=dev) < bufs.block_count[0, ..., None]
-        mask.scatter_(-1, torch.where(live, idx, plan.max_kblocks), True)
-        union = mask[..., :-1].view(hkv, hq // hkv, nqb, -1).any(1).sum().item()
-        union_density = union * (hq // hkv) / causal_blocks
-        t_flex = float("nan")
+        density = blocks / (hq * nqb * (nqb + 1) / 2)
+        fine = block_mask_dense(index, count)
+        ov = _overlap_stats(fine[0], hkv, density)
+        flex_ms: dict[str, float] = {}
+        err = float("nan")
         if flex is not None:
-            try:
-                bm = _flex_mask(bufs.block_index, bufs.block_count, L)
-                fx = lambda: flex(qt, kt_g, vt_g, block_mask=bm, scale=scale,  # noqa: E731,B023
-                                  enable_gqa=True, kernel_options={"BLOCK_M": BS, "BLOCK_N": BS})
-                t_flex = _bench(fx, rep)
-            except Exception as e:  # noqa: BLE001 - report, keep benchmarking
-                print(f"{model} {L} {dens}: flex failed: {type(e).__name__}: {e}"[:300])
-        rows.append(dict(model=model, L=L, target=dens, density=density, union=union_density,
-                         full=t_full, attn=t_attn, gate=t_gate, cudnn=base["cudnn"],
-                         flash=base["flash"], fa3=base["fa3"], vtriton=base["vtriton"],
-                         flex=t_flex, flops=flops_dense,
+            configs = FLEX_CONFIGS if dens <= 0.1 else FLEX_CONFIGS[:1]
+            flex_ms = time_flex_configs(flex, _bench, qt, kt_g, vt_g, fine, L, scale, rep,
+                                        configs)
+            best = min(flex_ms, key=lambda n: flex_ms[n] if flex_ms[n] == flex_ms[n] else 1e30)
+            bm, bn, w, st = (int(x.lstrip("ws")) for x in best.replace("x", "-").split("-"))
+            ref = flex(qt, kt_g, vt_g, block_mask=flex_block_mask(fine, L, bm, bn), scale=scale,
+                       enable_gqa=True, kernel_options={"BLOCK_M": bm, "BLOCK_N": bn,
+                                                        "num_warps": w, "num_stages": st}
+                       )[0].transpose(0, 1)
+            sparse_prefill_paged(q, k_cache, v_cache, bt, cu, lens, index, count, out, scale, BS,
+                                 bufs.split)
+            err = float((out.float() - ref.float()).norm() / ref.float().norm())
+        flex_best = min((t for t in flex_ms.values() if t == t), default=float("nan"))
+        rows.append(dict(model=model, L=L, kind=kind, target=dens, density=density, **ov,
+                         full=full, attn=attn, gate=gate_ms[dens],
+                         **{f"attn_p{p}": t for p, t in t_attn.items()},
+                         cudnn=base["cudnn"], flash=base["flash"], fa3=base["fa3"],
+                         vtriton=base["vtriton"], flex=flex_ms, flex_best=flex_best,
+                         flex_rel_err=err, flops=flops_dense,
                          flops_comp=4.0 * d * BS * BS * blocks))
-        print(rows[-1], flush=True)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
+              flush=True)
+
+
+def _overlap_stats(fine: torch.Tensor, hkv: int, density: float) -> dict[str, float]:
+    """``fine`` ``[Hq, MQB, MKB]``: mean Jaccard overlap of adjacent query-block rows' key sets
+    and the GQA-group union density (blocks a per-KV-head union tile would compute, over the
+    causal total)."""
+    a, b = fine[:, :-1], fine[:, 1:]
+    inter = (a & b).sum(-1).double()
+    union = (a | b).sum(-1).double().clamp(min=1)
+    hq, nqb = fine.shape[0], fine.shape[1]
+    grp = fine.view(hkv, hq // hkv, nqb, -1).any(1).sum().item() * (hq // hkv)
+    return {"overlap": float((inter / union).mean()),
+            "union": grp / (hq * nqb * (nqb + 1) / 2)}
 
 
 def profile_gate(model: str, L: int) -> None:
@@ -285,32 +314,66 @@ def profile_chunk(model: str, L: int, chunk: int, vkernels, density: float = 0.1
     return res
 
 
-def _fmt(rows: list[dict], meta: str) -> str:
-    head = ("| model | seq | target | density | group-union density | Seer ms (gate incl.) | "
-            "attn ms | gate ms | gate share | cuDNN ms | flash ms | vLLM FA3 ms | vLLM Triton ms | "
-            "flex ms | x cuDNN | x flash | x FA3 | x vLLM Triton | x flex | x cuDNN attn-only | "
-            "TFLOP/s dense-eq | TFLOP/s computed |")
+def _fmt(rows: list[dict], meta: str, pages: tuple[int, ...]) -> str:
+    head = ("| model | seq | selection | target | density | adjacent overlap | group-union density "
+            "| Seer ms (gate incl.) | " + " | ".join(f"attn ms page {p}" for p in pages) +
+            " | gate ms | gate share | cuDNN ms | vLLM FA3 ms | vLLM Triton ms | flex best ms "
+            "(config) | x cuDNN | x FA3 | x flex best | x cuDNN attn-only | TFLOP/s computed |")
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [meta, "", head, sep]
     for r in rows:
+        cfg = min(r["flex"], key=lambda n: r["flex"][n] if r["flex"][n] == r["flex"][n] else 1e30,
+                  default="-")
         lines.append(
-            f"| {r['model']} | {r['L'] // 1024}k | {r['target']} | {r['density']:.3f} | "
-            f"{r['union']:.3f} | {r['full']:.3f} | {r['attn']:.3f} | {r['gate']:.3f} | "
-            f"{100 * r['gate'] / r['full']:.1f}% | {r['cudnn']:.3f} | {r['flash']:.3f} | "
-            f"{r['fa3']:.3f} | {r['vtriton']:.3f} | "
-            f"{r['flex']:.3f} | {r['cudnn'] / r['full']:.2f} | {r['flash'] / r['full']:.2f} | "
-            f"{r['fa3'] / r['full']:.2f} | {r['vtriton'] / r['full']:.2f} | "
-            f"{r['flex'] / r['full']:.2f} | {r['cudnn'] / r['attn']:.2f} | "
-            f"{r['flops'] / r['full'] * 1e-9:.0f} | {r['flops_comp'] / r['attn'] * 1e-9:.0f} |")
+            f"| {r['model']} | {r['L'] // 1024}k | {r['kind']} | {r['target']} | "
+            f"{r['density']:.3f} | {r['overlap']:.3f} | {r['union']:.3f} | {r['full']:.3f} | "
+            + " | ".join(f"{r[f'attn_p{p}']:.3f}" for p in pages) +
+            f" | {r['gate']:.3f} | {100 * r['gate'] / r['full']:.1f}% | {r['cudnn']:.3f} | "
+            f"{r['fa3']:.3f} | {r['vtriton']:.3f} | {r['flex_best']:.3f} ({cfg}) | "
+            f"{r['cudnn'] / r['full']:.2f} | {r['fa3'] / r['full']:.2f} | "
+            f"{r['flex_best'] / r['full']:.2f} | {r['cudnn'] / r['attn']:.2f} | "
+            f"{r['flops_comp'] / r['attn'] * 1e-9:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def goals(rows: list[dict], kind: str = "random") -> dict[str, float]:
+    """The issue's goal figures (Llama shapes, gate included unless said otherwise)."""
+    def row(L: int, target: float) -> dict | None:
+        return next((r for r in rows if r["model"] == "llama3.1-8b" and r["kind"] == kind
+                     and r["L"] == L and r["target"] == target), None)
+
+    out: dict[str, float] = {}
+    for name, L in (("8k", 8192), ("32k", 32768), ("128k", 131072)):
+        r = row(L, 0.1)
+        if r is None:
+            continue
+        out[f"x_cudnn_d01_{name}"] = r["cudnn"] / r["full"]
+        out[f"x_fa3_d01_{name}"] = r["fa3"] / r["full"]
+        out[f"x_flex_best_d01_{name}"] = r["flex_best"] / r["full"]
+        out[f"tflops_computed_d01_{name}"] = r["flops_comp"] / r["attn"] * 1e-9
+        out[f"gate_share_d01_{name}"] = r["gate"] / r["full"]
+        out[f"density_d01_{name}"] = r["density"]
+        r5 = row(L, 0.05)
+        if r5 is not None:
+            out[f"x_cudnn_d005_{name}"] = r5["cudnn"] / r5["full"]
+            out[f"x_flex_best_d005_{name}"] = r5["flex_best"] / r5["full"]
+        r1 = row(L, 1.0)
+        if r1 is not None:
+            out[f"x_cudnn_d10_{name}"] = r1["cudnn"] / r1["attn"]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/kernels-h100.md")
+    ap.add_argument("--out", default="benchmarks/results/kernels-h200.md")
+    ap.add_argument("--json", default="", help="JSON summary (default: --out with .json)")
     ap.add_argument("--seqs", default="8192,32768,131072")
-    ap.add_argument("--models", default="llama3.1-8b,smollm2")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) below 128k")
+    ap.add_argument("--models", default="llama3.1-8b")
+    ap.add_argument("--kinds", default="random,structured,real")
+    ap.add_argument("--pages", default="16,64", help="page sizes timed (first: the headline)")
+    ap.add_argument("--real", default="benchmarks/data/smollm2-selections-8k.safetensors")
+    ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms) below 128k")
+    ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--profile-gate", action="store_true", help="only profile the gate")
     ap.add_argument("--chunk", type=int, default=0,
                     help="only time one chunked-prefill step of this many rows at each --seqs")
@@ -327,37 +390,53 @@ def main() -> None:
             profile_gate(args.models.split(",")[0], L)
         return
     torch.manual_seed(0)
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
+    flex = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
 
-        flex = torch.compile(flex_attention, dynamic=False)
-    except Exception as e:  # noqa: BLE001
-        print(f"FlexAttention unavailable: {e}")
-        flex = None
+            flex = torch.compile(flex_attention, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"FlexAttention unavailable: {e}")
     vkernels = _vllm_kernels()
     vllm_note = (f"vLLM {vkernels[2]} baselines on the same paged cache" if vkernels else
                  "vLLM not importable on this host: vLLM FA3 / Triton-unified baselines skipped")
+    pages = tuple(int(p) for p in args.pages.split(","))
+    kinds = args.kinds.split(",")
     rows: list[dict] = []
     t0 = time.time()
     for model in args.models.split(","):
         for L in (int(s) for s in args.seqs.split(",")):
-            dens = DENSITIES if L < 131072 else (1.0, 0.3, 0.1, 0.05)
+            cases = [("random", dd) for dd in ((1.0, 0.3, 0.1, 0.05) if "random" in kinds else ())]
+            cases += [(k, dd) for k in kinds if k != "random" for dd in (0.1, 0.05)]
             try:
-                run_case(model, L, args.rep if L < 131072 else 400, dens, rows, flex, vkernels)
+                run_case(model, L, args.rep if L < 131072 else 4 * args.rep, cases, rows, flex,
+                         vkernels, pages, args.real)
             except Exception as e:  # noqa: BLE001 - keep the other shapes
                 print(f"{model} {L}: failed: {type(e).__name__}: {e}"[:500], flush=True)
                 torch.cuda.empty_cache()
+    versions = {"torch": torch.__version__, "triton": triton.__version__,
+                "python": platform.python_version(), "vllm": vkernels[2] if vkernels else None}
     meta = (f"# Seer kernels benchmark\n\nDate: {datetime.date.today()}. Device: "
-            f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
-            f"{triton.__version__}; python {platform.python_version()}. Paged KV cache page size "
-            f"{PAGE}, gate block {BS}, bf16, one request prefilled at once, top-k selection "
-            f"(last two query-block rows dense, diagonal forced). {vllm_note}. Benchmark wall "
-            f"time {time.time() - t0:.0f} s. Generated {datetime.date.today()} by "
-            f"`benchmarks/bench_kernels.py`.")
-    text = _fmt(rows, meta)
+            f"{torch.cuda.get_device_name()}; " + "; ".join(f"{k} {v}" for k, v in versions.items())
+            + f". Paged KV cache pages {pages} (the first is the headline), gate block {BS}, "
+            f"bf16, one request prefilled at once, top-k selection (last two query-block rows "
+            f"dense, diagonal forced). Selections: random = the gate's top-k on random inputs "
+            f"(Seer time = gate + attention run back to back); structured / real = fixed masks "
+            f"(benchmarks/real_selections.py), Seer time = attention on them + the gate's time at "
+            f"the same target. FlexAttention: best of {len(FLEX_CONFIGS)} tile configs at the same "
+            f"mask (benchmarks/flex_baseline.py; 1 config at density > 0.1). {vllm_note}. Wall "
+            f"time {time.time() - t0:.0f} s. Generated by `benchmarks/bench_kernels.py`.")
+    text = _fmt(rows, meta, pages)
     with open(args.out, "w") as f:
         f.write(text)
+    summary = {"device": torch.cuda.get_device_name(), "date": str(datetime.date.today()),
+               "versions": versions, "pages": pages, "goals": goals(rows),
+               "goals_by_selection": {k: goals(rows, k) for k in kinds}, "rows": rows}
+    with open(args.json or args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
     print(text)
+    print(json.dumps(summary["goals"], indent=1))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
 from vllm_seer.gate import Selection
-from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
 
 @dataclass(frozen=True)

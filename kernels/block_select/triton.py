@@ -11,7 +11,8 @@ Pipeline (no host sync, grids from tensor shapes):
    starts in registers, then ``q_gate @ k_gate^T / sqrt(G)`` as two half-width dots over the
    causal key blocks only, written to an fp32 workspace ``[B, Hq, MQB, MKB]`` (tf32x3 on GPU).
 3. ``_select_kernel`` grid ``(MQB, B, Hq)``: one row in registers; softmax + threshold, or top-k by
-   an exact 32-step radix select on the float bits (ties: lower block index first); diagonal,
+   an exact 32-step radix select on the float bits, one warp per row so its reductions need no
+   block barrier (ties: lower block index first); diagonal,
    ``last_block_dense`` rows and causality; compaction as one permutation store (selected blocks
    ascending, then ``-1``) so every element of the row is written exactly once.
 """
@@ -124,12 +125,15 @@ def _select_kernel(
     s = tl.load(s_ptr + row * MKB + kb, mask=causal, other=float("-inf"))
     if TOPK:
         k = tl.load(topk_ptr + b)
-        # order-preserving integer key of the fp32 score, shifted into [0, 2^32)
-        bits = s.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
-        kth = tl.zeros([], dtype=tl.int64)
+        # order-preserving unsigned 32-bit key of the fp32 score (sign flipped for positives,
+        # all bits flipped for negatives); one row per single-warp program: the 32 passes reduce
+        # with warp shuffles only, no block-wide barrier
+        bits = s.to(tl.uint32, bitcast=True)
+        neg = (bits >> 31) == 1
+        key = tl.where(neg, ~bits, bits | 0x80000000)
+        kth = tl.zeros([], dtype=tl.uint32)
         for bit in range(31, -1, -1):
-            cand = kth | (tl.full([], 1, tl.int64) << bit)
+            cand = kth | (tl.full([], 1, tl.uint32) << bit)
             kth = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= k, cand, kth)
         above = key > kth
         tied = key == kth
@@ -221,6 +225,6 @@ def block_select(
         workspace, k_per_req, block_index, block_count, cu_seqlens_q, seq_lens,
         float(sel.threshold), mqb, mkb,
         HQ=hq, BLOCK=block_size, BLOCK_K=block_kk, TOPK=topk, LAST_DENSE=sel.last_block_dense,
-        num_warps=4 if block_kk <= 1024 else 8,
+        num_warps=max(1, block_kk // 2048),  # <= 64 scores per thread
     )
     return block_index, block_count

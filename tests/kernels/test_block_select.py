@@ -97,3 +97,36 @@ def test_block_select_matches_reference(case: tuple) -> None:
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
 def test_block_select_gpu(case: tuple) -> None:
     _run(case)
+
+
+@pytest.mark.parametrize("neg", [False, True], ids=["zero-scores", "negative-scores"])
+def test_block_select_topk_ties_take_lowest_blocks(neg: bool) -> None:
+    """Every causal score tied (zero gate weight, or one negative constant): the single-warp radix
+    select keeps exactly the ``k`` lowest causal block indices, plus the forced diagonal."""
+    from vllm_seer.kernels.block_select import block_select
+
+    lens, n_new, hq, hkv, d = [900, 400], [500, 400], 2, 1, 64
+    q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
+    weight.zero_()
+    if neg:  # scores = -c for every block: a constant pooled query against a constant key
+        weight[:, 0, 0] = 1.0
+        k_pooled.fill_(1.0)
+        q_pooled.fill_(0.0)
+        q_pooled[..., 0] = -2.0  # RoPE at block starts rotates pairs: keep the angle-0 pair only
+        inv = torch.zeros_like(inv)
+    sel = Selection("nz_ratio", 0.0, 0.3, False)
+    index = torch.full((len(lens), hq, mqb, mkb), -7, dtype=torch.int32, device=DEVICE)
+    count = torch.full((len(lens), hq, mqb), -7, dtype=torch.int32, device=DEVICE)
+    block_select(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count)
+    got = _as_masks(index, count, mkb)
+    for b, (L, n) in enumerate(zip(lens, n_new, strict=True)):
+        nkb = -(-L // 64)
+        k = max(1, int((1.0 - math.sqrt(1.0 - 0.3)) * nkb))
+        qb0 = (L - n) // 64
+        for j in range(mqb):
+            qb = qb0 + j
+            want = torch.zeros(mkb, dtype=torch.bool, device=DEVICE)
+            if j <= (L - 1) // 64 - qb0:
+                want[:min(k, qb + 1)] = True
+                want[qb] = True
+            assert (got[b, :, j] == want).all(), (b, j)

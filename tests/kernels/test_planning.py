@@ -53,3 +53,30 @@ def test_pipeline_matches_torch_gate() -> None:
                                    batch.cu_seqlens_q, batch.seq_lens, index, count,
                                    torch.full_like(batch.q, float("nan")), 0.125)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_layer_path_never_syncs() -> None:
+    """The per-layer Seer path (gate + split plan + sparse attention + combine) launches only: under
+    ``torch.cuda.set_sync_debug_mode("error")`` any synchronising call raises. A 20k-token chunk
+    over 40k of context makes rows long enough to be split."""
+    lens, n_new, hq, hkv, d, page = [40000, 3000], [20000, 3000], 32, 8, 128, 16
+    batch = make_batch(lens, n_new, hq, hkv, d, page, torch.bfloat16, "token", DEVICE)
+    inv = RopeSpec(d, 500000.0).inv_freq().to(DEVICE)
+    weight = torch.randn(hq, 3 * d, d, device=DEVICE) * (2.0 / math.sqrt(3 * d))
+    sel = Selection("nz_ratio", 0.0, 0.1, True)
+    bufs = SeerBuffers.allocate(plan_batch(batch.cu_seqlens_q.cpu(), batch.seq_lens.cpu()),
+                                hq, hkv, d, DEVICE)
+    assert bufs.split is not None
+    out = torch.full_like(batch.q, float("nan"))
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu_seqlens_q,
+            batch.seq_lens, weight, inv, sel, bufs, out, 0.125)
+    seer_prefill(*args)  # compile + autotune (these sync) before the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        seer_prefill(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert int(bufs.split.counter) > 0 and torch.isfinite(out).all()

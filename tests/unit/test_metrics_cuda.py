@@ -28,6 +28,9 @@ def test_cuda_step_timing(tmp_path, monkeypatch) -> None:
     assert stats.flush_interval == 1.0
     stats.flush_interval = 3600.0
     stats.maybe_flush(force=True)
+    # made before the check: a tensor built from a host list is a synchronous pageable copy,
+    # which is the test's own doing, not the step path's
+    per_request = torch.tensor([3, 5], device=dev)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call on the hot path raises
     try:
@@ -39,7 +42,7 @@ def test_cuda_step_timing(tmp_path, monkeypatch) -> None:
                 t1 = timer.mark()
                 spin(40)
                 t2 = timer.mark()
-                computed = torch.tensor([3, 5], device=dev)
+                computed = per_request * 1  # a device op, like the backend's block_count sum
                 stats.add_layer(layer, computed.sum(), 16)
                 timer.add_layer(computed, t0, t1, t2)
             stats.end_step(timer.computed, [16, 16], timer)

@@ -53,6 +53,14 @@ class SparsePlan:
     possible: list[int]
 
 
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Host tensor -> ``dev`` without a host sync on CUDA (pinned staging, asynchronous copy;
+    pinned buffers come from PyTorch's caching host allocator)."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor,
                 min_prefill_tokens: int, block_size: int, num_heads: int,
                 causal: bool) -> tuple[SparsePlan | None, list[int]]:
@@ -78,10 +86,10 @@ def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: to
     cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
     plan = SparsePlan(
         req_ids=sparse,
-        token_rows=torch.cat(rows).to(dev),
-        cu_seqlens_q=cu.to(dev),
-        seq_lens=torch.tensor([seq_lens[i] for i in sparse], dtype=torch.int32, device=dev),
-        block_table=block_table[torch.tensor(sparse, device=dev)],
+        token_rows=_to_device(torch.cat(rows), dev),
+        cu_seqlens_q=_to_device(cu, dev),
+        seq_lens=_to_device(torch.tensor([seq_lens[i] for i in sparse], dtype=torch.int32), dev),
+        block_table=block_table[_to_device(torch.tensor(sparse), dev)],
         query_lens=qlens,
         context_lens=ctx,
         possible=possible,
