@@ -37,9 +37,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs() -> list[triton.Config]:
+    """``OVERLAP``: issue the next entry's QK^T before this entry's softmax (both variants are
+    tuned; the interpreter runs both in the tests through ``overlap=``)."""
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    return [triton.Config({"OVERLAP": o}, num_warps=w, num_stages=s)
+            for o in (False, True) for w in (4, 8) for s in (2, 3)]
 
 
 @triton.jit
@@ -53,6 +56,24 @@ def _token_offsets(kb, bt_row, stride_btp, stride_p, stride_t, offs_n,
     else:
         page = tl.load(bt_row + (pos // PAGE_SIZE) * stride_btp).to(tl.int64)
         return page * stride_p + (pos % PAGE_SIZE) * stride_t
+
+
+@triton.jit
+def _load_kt(k_base, tok, dk, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK_D, BLOCK]`` K^T tile of one complete key block (no token mask)."""
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(k_base + tok[None, :] + dk)
+    else:
+        return tl.load(k_base + tok[None, :] + dk, mask=d_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _load_v(v_base, tok, dv, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK, BLOCK_D]`` V tile of one complete key block (no token mask)."""
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(v_base + tok[:, None] + dv)
+    else:
+        return tl.load(v_base + tok[:, None] + dv, mask=d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -87,6 +108,7 @@ def _sparse_prefill_kernel(
     stride_btb, stride_btp,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
     # NB = B * HQ; programs [0, NSEG_GRID) run split slices, the rest whole rows (heaviest first)
@@ -151,27 +173,55 @@ def _sparse_prefill_kernel(
         n_full = tl.where((count > 0) & (hi == count) & (last >= qb), hi - 1, hi)
         dk = offs_d[:, None] * stride_kd
         dv = offs_d[None, :] * stride_vd
-        # software pipeline: the next entry's block id and token offsets are loaded one iteration
-        # ahead and carried, so this iteration's K/V addresses are ready at its top
-        kb = tl.load(list_ptr + tl.minimum(lo, tl.maximum(n_full - 1, 0)))
+        # software pipeline: block ids and token offsets are loaded ahead and carried, so an
+        # iteration's K/V addresses are ready at its top (entries clamped to >= 0: an empty row's
+        # list is all -1 and its loop does not run)
+        kb = tl.maximum(tl.load(list_ptr + tl.minimum(lo, tl.maximum(n_full - 1, 0))), 0)
         tok_k = _token_offsets(kb, bt_row, stride_btp, stride_kp, stride_kt, offs_m, PAGE_SIZE,
                                BLOCK)
         tok_v = _token_offsets(kb, bt_row, stride_btp, stride_vp, stride_vt, offs_m, PAGE_SIZE,
                                BLOCK)
-        for i in range(lo, n_full):
-            kb_n = tl.load(list_ptr + tl.minimum(i + 1, n_full - 1))
-            if HEAD_DIM == BLOCK_D:
-                kt = tl.load(k_base + tok_k[None, :] + dk)
-                v = tl.load(v_base + tok_v[:, None] + dv)
-            else:
-                kt = tl.load(k_base + tok_k[None, :] + dk, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_base + tok_v[:, None] + dv, mask=d_ok[None, :], other=0.0)
-            tok_k = _token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+        if OVERLAP:
+            # the next entry's QK^T is issued before this entry's softmax and PV, so the tensor
+            # cores work while the softmax runs (scores of entry i carried in ``s``)
+            kb1 = tl.maximum(tl.load(list_ptr + tl.minimum(lo + 1, tl.maximum(n_full - 1, 0))), 0)
+            kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)
+            if DOT_FP32:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt) * qk_scale
+            tok_k = _token_offsets(kb1, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
                                    PAGE_SIZE, BLOCK)
-            tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
-                                   PAGE_SIZE, BLOCK)
-            acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True, False,
-                                                 DOT_FP32)
+            for i in range(lo, n_full):
+                v = _load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)  # entry i
+                kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)  # entry i + 1
+                kb2 = tl.maximum(tl.load(list_ptr + tl.minimum(i + 2, n_full - 1)), 0)
+                tok_v = _token_offsets(kb1, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
+                                       PAGE_SIZE, BLOCK)
+                tok_k = _token_offsets(kb2, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+                                       PAGE_SIZE, BLOCK)
+                kb1 = kb2
+                if DOT_FP32:
+                    kt = kt.to(tl.float32)
+                    v = v.to(tl.float32)
+                s_next = tl.dot(q, kt) * qk_scale
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+                s = s_next
+        else:
+            for i in range(lo, n_full):
+                kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
+                kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)
+                v = _load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)
+                tok_k = _token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+                                       PAGE_SIZE, BLOCK)
+                tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
+                                       PAGE_SIZE, BLOCK)
+                acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True,
+                                                     False, DOT_FP32)
         if n_full < hi:  # the diagonal block: may run past the request's last token
             pos_k = last.to(tl.int64) * BLOCK + offs_m
             k_ok = pos_k < seq_len
@@ -212,6 +262,7 @@ def sparse_prefill_paged(
     scale: float,
     block_size: int = 64,
     work: SplitWork | None = None,
+    overlap: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of packed prefill rows over the paged cache (Triton).
 
@@ -229,6 +280,8 @@ def sparse_prefill_paged(
         work: workspace for splitting long rows (:class:`SplitWork`, reused across calls; one
             with the default split length and capacity is allocated when ``None`` and a row could
             be longer than the split length).
+        overlap: force the loop variant (``True``: next QK^T before this softmax) with 4 warps,
+            3 stages; ``None``: autotuned on the GPU, ``False`` in the interpreter.
     Returns:
         ``out``.
     """
@@ -255,14 +308,18 @@ def sparse_prefill_paged(
     else:
         nseg_grid, seg, cap = 0, mkb, 1
         ws = (block_count, block_count, block_count, out, out)  # unused (SPLIT=False)
-    _sparse_prefill_kernel[(nseg_grid + rows,)](
+    kernel, extra = _sparse_prefill_kernel, {}
+    if overlap is not None or INTERPRET:
+        kernel = _sparse_prefill_kernel.fn
+        extra = dict(OVERLAP=bool(overlap), num_warps=4, num_stages=1 if INTERPRET else 3)
+    kernel[(nseg_grid + rows,)](
         q, k_cache, v_cache, out,
         block_table, cu_seqlens_q, seq_lens, block_index, block_count, *ws,
         float(scale), mqb, mkb, bsz * hq, nseg_grid, seg, cap,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
         HQ=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         PAGE_SIZE=page_size, BLOCK=block_size, DOT_FP32=INTERPRET or q.dtype == torch.float32,
-        SPLIT=split,
+        SPLIT=split, **extra,
     )
     if split:
         combine_splits(out, cu_seqlens_q, seq_lens, mqb, work, block_size)

@@ -38,6 +38,12 @@ from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
 
 logger = logging.getLogger(__name__)
 WARMUP_TOKENS = 16384  # synthetic prefill used to compile and autotune the kernels at start-up
+# KV page size the backend asks vLLM for when the user gives no --block-size: with pages of one gate
+# block a key block is one contiguous run of one page (one page id per block instead of one per
+# token); measured on the H200 (2026-12-02, Llama-3.1-8B shapes, density 0.1) the sparse kernel
+# runs 8-12 % faster than with vLLM's default 16-token pages. FlashAttention 3 (the dense rows)
+# takes any multiple of 16. Prefix caching then shares prompts in 64-token blocks.
+PREFERRED_PAGE_SIZE = 64
 
 
 class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -151,6 +157,14 @@ class SeerCUDAImpl(FlashAttentionImpl):
 
 class SeerCUDABackend(FlashAttentionBackend):
     """``--attention-backend seer`` on CUDA."""
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        """vLLM (0.26+) asks the selected backend for its page size unless ``--block-size`` was
+        given: a multiple of ``PREFERRED_PAGE_SIZE`` (see there)."""
+        if default_block_size % PREFERRED_PAGE_SIZE == 0:
+            return default_block_size
+        return PREFERRED_PAGE_SIZE
 
     @staticmethod
     def get_name() -> str:
