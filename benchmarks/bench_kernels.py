@@ -69,9 +69,6 @@ def _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs) -> dict:
         "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
         "select": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,
                                        bufs.block_index, bufs.block_count, BS, bufs.scores),
-        "select_bitwise": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu,
-                                               lens, sel, bufs.block_index, bufs.block_count, BS,
-                                               bufs.scores, topk_hist=False),
     }
 
 
@@ -198,12 +195,6 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
         from vllm_seer.kernels.sparse_prefill.triton import _sparse_prefill_kernel
 
         tuned = str(_sparse_prefill_kernel.best_config)
-        variants = {}
-        if kind == "random" and dens in (1.0, 0.1):  # the two loop variants, 4 warps, 3 stages
-            for name, ov in (("serial", False), ("overlap", True)):
-                variants[name] = _bench(lambda ov=ov, ix=index, ct=count: sparse_prefill_paged(
-                    q, k_cache, v_cache, bt, cu, lens, ix, ct, out, scale, BS, bufs.split,
-                    overlap=ov), rep)
         full = gate_ms[dens] + attn
         if kind == "random":  # gate + attention back to back, as the backend runs them
 
@@ -245,7 +236,6 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
                          cudnn=base["cudnn"], flash=base["flash"], fa3=base["fa3"],
                          vtriton=base["vtriton"], flex=flex_ms, flex_best=flex_best,
                          flex_rel_err=err, flops=flops_dense, tuned_config=tuned,
-                         **{f"attn_{k}": t for k, t in variants.items()},
                          flops_comp=4.0 * d * BS * BS * blocks))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
               flush=True)

@@ -37,12 +37,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs() -> list[triton.Config]:
-    """``OVERLAP``: issue the next entry's QK^T before this entry's softmax (both variants are
-    tuned; the interpreter runs both in the tests through ``overlap=``)."""
+    # measured on the H200 (2026-12-02): 4 warps / 3 stages won at every shape; a variant issuing
+    # the next entry's QK^T before this entry's softmax needed 255 registers with spills at 4 warps
+    # and ran 1.6-1.7x slower, so it was dropped
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({"OVERLAP": o}, num_warps=w, num_stages=s)
-            for o in (False, True) for w in (4, 8) for s in (2, 3)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 
 
 @triton.jit
@@ -108,7 +108,6 @@ def _sparse_prefill_kernel(
     stride_btb, stride_btp,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
-    OVERLAP: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
     # NB = B * HQ; programs [0, NSEG_GRID) run split slices, the rest whole rows (heaviest first)
@@ -181,47 +180,16 @@ def _sparse_prefill_kernel(
                                BLOCK)
         tok_v = _token_offsets(kb, bt_row, stride_btp, stride_vp, stride_vt, offs_m, PAGE_SIZE,
                                BLOCK)
-        if OVERLAP:
-            # the next entry's QK^T is issued before this entry's softmax and PV, so the tensor
-            # cores work while the softmax runs (scores of entry i carried in ``s``)
-            kb1 = tl.maximum(tl.load(list_ptr + tl.minimum(lo + 1, tl.maximum(n_full - 1, 0))), 0)
+        for i in range(lo, n_full):
+            kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
             kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)
-            if DOT_FP32:
-                kt = kt.to(tl.float32)
-            s = tl.dot(q, kt) * qk_scale
-            tok_k = _token_offsets(kb1, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+            v = _load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)
+            tok_k = _token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
                                    PAGE_SIZE, BLOCK)
-            for i in range(lo, n_full):
-                v = _load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)  # entry i
-                kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)  # entry i + 1
-                kb2 = tl.maximum(tl.load(list_ptr + tl.minimum(i + 2, n_full - 1)), 0)
-                tok_v = _token_offsets(kb1, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
-                                       PAGE_SIZE, BLOCK)
-                tok_k = _token_offsets(kb2, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
-                                       PAGE_SIZE, BLOCK)
-                kb1 = kb2
-                if DOT_FP32:
-                    kt = kt.to(tl.float32)
-                    v = v.to(tl.float32)
-                s_next = tl.dot(q, kt) * qk_scale
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
-                s = s_next
-        else:
-            for i in range(lo, n_full):
-                kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
-                kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)
-                v = _load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)
-                tok_k = _token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
-                                       PAGE_SIZE, BLOCK)
-                tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
-                                       PAGE_SIZE, BLOCK)
-                acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True,
-                                                     False, DOT_FP32)
+            tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
+                                   PAGE_SIZE, BLOCK)
+            acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True, False,
+                                                 DOT_FP32)
         if n_full < hi:  # the diagonal block: may run past the request's last token
             pos_k = last.to(tl.int64) * BLOCK + offs_m
             k_ok = pos_k < seq_len
@@ -262,7 +230,6 @@ def sparse_prefill_paged(
     scale: float,
     block_size: int = 64,
     work: SplitWork | None = None,
-    overlap: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of packed prefill rows over the paged cache (Triton).
 
@@ -280,8 +247,6 @@ def sparse_prefill_paged(
         work: workspace for splitting long rows (:class:`SplitWork`, reused across calls; one
             with the default split length and capacity is allocated when ``None`` and a row could
             be longer than the split length).
-        overlap: force the loop variant (``True``: next QK^T before this softmax) with 4 warps,
-            3 stages; ``None``: autotuned on the GPU, ``False`` in the interpreter.
     Returns:
         ``out``.
     """
@@ -308,18 +273,14 @@ def sparse_prefill_paged(
     else:
         nseg_grid, seg, cap = 0, mkb, 1
         ws = (block_count, block_count, block_count, out, out)  # unused (SPLIT=False)
-    kernel, extra = _sparse_prefill_kernel, {}
-    if overlap is not None or INTERPRET:
-        kernel = _sparse_prefill_kernel.fn
-        extra = dict(OVERLAP=bool(overlap), num_warps=4, num_stages=1 if INTERPRET else 3)
-    kernel[(nseg_grid + rows,)](
+    _sparse_prefill_kernel[(nseg_grid + rows,)](
         q, k_cache, v_cache, out,
         block_table, cu_seqlens_q, seq_lens, block_index, block_count, *ws,
         float(scale), mqb, mkb, bsz * hq, nseg_grid, seg, cap,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
         HQ=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         PAGE_SIZE=page_size, BLOCK=block_size, DOT_FP32=INTERPRET or q.dtype == torch.float32,
-        SPLIT=split, **extra,
+        SPLIT=split,
     )
     if split:
         combine_splits(out, cu_seqlens_q, seq_lens, mqb, work, block_size)

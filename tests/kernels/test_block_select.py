@@ -99,9 +99,8 @@ def test_block_select_gpu(case: tuple) -> None:
     _run(case)
 
 
-@pytest.mark.parametrize("hist", [True, False], ids=["histogram", "bitwise"])
 @pytest.mark.parametrize("neg", [False, True], ids=["zero-scores", "negative-scores"])
-def test_block_select_topk_ties_take_lowest_blocks(neg: bool, hist: bool) -> None:
+def test_block_select_topk_ties_take_lowest_blocks(neg: bool) -> None:
     """Every causal score tied (zero gate weight, or one negative constant): the single-warp radix
     select keeps exactly the ``k`` lowest causal block indices, plus the forced diagonal."""
     from vllm_seer.kernels.block_select import block_select
@@ -118,7 +117,7 @@ def test_block_select_topk_ties_take_lowest_blocks(neg: bool, hist: bool) -> Non
     sel = Selection("nz_ratio", 0.0, 0.3, False)
     index = torch.full((len(lens), hq, mqb, mkb), -7, dtype=torch.int32, device=DEVICE)
     count = torch.full((len(lens), hq, mqb), -7, dtype=torch.int32, device=DEVICE)
-    block_select(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count, topk_hist=hist)
+    block_select(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count)
     got = _as_masks(index, count, mkb)
     for b, (L, n) in enumerate(zip(lens, n_new, strict=True)):
         nkb = -(-L // 64)
@@ -132,31 +131,3 @@ def test_block_select_topk_ties_take_lowest_blocks(neg: bool, hist: bool) -> Non
                 want[qb] = True
             assert (got[b, :, j] == want).all(), (b, j)
 
-
-def _both_topk(case: tuple) -> None:
-    from vllm_seer.kernels.block_select import block_select
-
-    lens, n_new, hq, hkv, d, sel = case
-    q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
-    res = []
-    for hist in (True, False):
-        index = torch.full((len(lens), hq, mqb, mkb), -7, dtype=torch.int32, device=DEVICE)
-        count = torch.full((len(lens), hq, mqb), -7, dtype=torch.int32, device=DEVICE)
-        block_select(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count,
-                     topk_hist=hist)
-        res.append((index, count))
-    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
-
-
-TOPK_CASES = {k: v for k, v in CPU_CASES.items() if v[-1].method == "nz_ratio"}
-
-
-@pytest.mark.parametrize("case", TOPK_CASES.values(), ids=TOPK_CASES.keys())
-def test_block_select_histogram_equals_bitwise(case: tuple) -> None:
-    """The 4-pass histogram top-k and the 32-pass bitwise one select exactly the same blocks."""
-    _both_topk(case)
-
-
-@pytest.mark.gpu
-def test_block_select_histogram_equals_bitwise_gpu() -> None:
-    _both_topk(GPU_CASES["llama-32k-topk0.1"])
