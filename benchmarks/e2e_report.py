@@ -1,5 +1,5 @@
 """Result tables of ``bench_e2e_ttft.py``: per-request JSON records pooled per backend and length,
-rendered as markdown with the issue's goals marked met / missed."""
+rendered as markdown (the goals and the concurrent workloads: :mod:`e2e_goals`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-GOAL_TTFT = (("128k", 0.1, 2.4), ("32k", 0.1, 1.3))  # (length, Seer density, min speedup vs FLASH_ATTN)
-GOAL_ITL = 0.97  # Seer decode speed >= 0.97x FLASH_ATTN (ITL_FA / ITL_seer)
 
 
 def parse_backend(spec: str) -> tuple[str, float | None]:
@@ -28,7 +25,6 @@ def parse_backend(spec: str) -> tuple[str, float | None]:
 
 def length_label(n: int) -> str:
     return f"{round(n / 1024)}k" if n >= 1024 else str(n)
-
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -105,42 +101,6 @@ def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
-
-
-def goals(agg: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, str, str]]:
-    """``(goal, status, detail)`` for the issue's goals; status is met / missed / not measured."""
-    rows: list[tuple[str, str, str]] = []
-    fa = agg.get("FLASH_ATTN", {})
-    seer_backends = [b for b in agg if parse_backend(b)[0] == "seer"]
-    for label, density, target in GOAL_TTFT:
-        seer = agg.get(f"seer@{density}", {}).get(label)
-        base = fa.get(label)
-        goal = f"TTFT ≥ {target}x FLASH_ATTN at {label}, density {density}"
-        if seer is None or base is None:
-            rows.append((goal, "not measured", ""))
-            continue
-        sp = base["ttft_s"] / seer["ttft_s"]
-        rows.append((goal, "met" if sp >= target else "missed",
-                     f"{sp:.2f}x ({base['ttft_s']:.2f} s → {seer['ttft_s']:.2f} s)"))
-    itl = [(b, lab, fa[lab]["itl_median_s"] / s["itl_median_s"]) for b in seer_backends
-           for lab, s in agg[b].items() if "itl_median_s" in s and "itl_median_s" in fa.get(lab, {})]
-    goal = f"decode ITL no worse than {GOAL_ITL}x FLASH_ATTN (every Seer density and length)"
-    if itl:
-        worst = min(itl, key=lambda t: t[2])
-        rows.append((goal, "met" if worst[2] >= GOAL_ITL else "missed",
-                     f"worst {worst[2]:.3f}x ({worst[0]} at {worst[1]})"))
-    else:
-        rows.append((goal, "not measured", ""))
-    ttft = [(b, lab, fa[lab]["ttft_s"] / s["ttft_s"]) for b in seer_backends for lab, s in agg[b].items()
-            if lab in fa]
-    goal = "Seer TTFT never slower than FLASH_ATTN (every density and length)"
-    if ttft:
-        worst = min(ttft, key=lambda t: t[2])
-        rows.append((goal, "met" if worst[2] >= 1.0 else "missed",
-                     f"worst {worst[2]:.2f}x ({worst[0]} at {worst[1]})"))
-    else:
-        rows.append((goal, "not measured", ""))
-    return rows
 
 
 def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and decode ITL") -> str:
@@ -240,9 +200,6 @@ def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and 
                       f"{b}: " + ", ".join(f"{lab} {agg[b][lab]['vllm_itl_s'] * 1e3:.2f}"
                                            for lab in labels if "vllm_itl_s" in agg[b].get(lab, {}))
                       for b in vi)]
-    lines += ["", "## Goals (issue 4; reported, not asserted)", "", "| goal | status | measured |",
-              "|---|---|---|"]
-    lines += [f"| {g} | {st} | {d} |" for g, st, d in goals(agg)]
     skipped = [(r["backend"], s) for r in runs for s in r.get("skipped", [])]
     errors = [(r["backend"], r["error"]) for r in runs if r.get("error")]
     if skipped or errors:
