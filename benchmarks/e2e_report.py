@@ -210,7 +210,18 @@ def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and 
 
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """The run records of result files; a missing or malformed file is refused by name."""
     runs: list[dict[str, Any]] = []
     for p in paths:
-        runs += json.loads(Path(p).read_text()).get("runs", [])
+        path = Path(p)
+        if not path.is_file():
+            raise SystemExit(f"result file {path}: no such file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"result file {path}: not JSON ({e})") from e
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+            raise SystemExit(f"result file {path}: expected an object with a list 'runs' "
+                             "(written by bench_e2e_ttft.py)")
+        runs += data["runs"]
     return runs

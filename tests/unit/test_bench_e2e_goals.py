@@ -171,3 +171,15 @@ def test_summarize_counts_throughput_and_percentiles_per_class() -> None:
     assert short["ttft_s"]["p99"] == pytest.approx(0.1 + 0.3 * 0.99 * 1, rel=0.02)
     assert s["classes"]["long"]["itl_s"]["p90"] == pytest.approx(0.05)
     assert not math.isnan(s["classes"]["long"]["ttft_s"]["mean"])
+
+
+def test_compare_refuses_missing_and_malformed_files_by_name(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    for path, msg in ((tmp_path / "none.json", "no such file"), (bad, "not JSON")):
+        with pytest.raises(SystemExit, match=msg) as e:
+            bench_e2e_ttft.main(["--report", str(path)])
+        assert str(path) in str(e.value)
+    bad.write_text('{"schema": 1}')
+    with pytest.raises(SystemExit, match="list 'runs'"):
+        bench_e2e_ttft.main(["--report", str(bad)])
