@@ -43,7 +43,13 @@ GPU host (vLLM 0.26; compiled start-up ~2 min; one command per call)::
         --phases ttft --out $OUT/s005.json
     cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends FLASH_ATTN,seer@0.1 \\
         --phases sweep --seer-extra '{"min_prefill_tokens": 64}' --out $OUT/sweep.json
+    cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends FLASH_ATTN,seer@0.1 \\
+        --phases ttft,batch --lengths 32768 --speculative-config \\
+        '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}' --out $OUT/spec.json
     python benchmarks/bench_e2e_ttft.py --compare fa.json s01.json s005.json sweep.json
+
+(the speculative run answers part 5's decode ITL with speculation; keep it out of ``--compare``'s
+goals, which are for plain decoding)
 """
 
 from __future__ import annotations
@@ -135,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="chunk size; not set by default (vLLM's default chunked prefill)")
+    ap.add_argument("--speculative-config", default=None,
+                    help="vLLM's --speculative-config JSON for every server, e.g. "
+                    '\'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}\'')
     ap.add_argument("--seer-extra", default="{}", help="more Seer settings as JSON, e.g. "
                     '\'{"last_block_dense": false}\'')
     ap.add_argument("--dry-run", action="store_true",
@@ -159,10 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.min_server_s = min(args.min_server_s, 60.0)
         seer_extra = {"min_prefill_tokens": 256, **json.loads(args.seer_extra)}
         args.seer_extra = json.dumps(seer_extra)
-    try:
-        json.loads(args.seer_extra)
-    except json.JSONDecodeError as e:
-        ap.error(f"--seer-extra: not JSON ({e})")
+    for name, value in (("--seer-extra", args.seer_extra),
+                        ("--speculative-config", args.speculative_config or "{}")):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as e:
+            ap.error(f"{name}: not JSON ({e})")
     args.backends = args.backends or ("default,seer@0.3" if dry else "FLASH_ATTN,seer@0.1,seer@0.05")
     args.max_model_len = args.max_model_len or (2048 if dry else 131072)
     args.max_tokens = args.max_tokens or (16 if dry else 64)

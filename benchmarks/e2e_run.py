@@ -59,6 +59,8 @@ def server_args(args: argparse.Namespace, backend: str) -> tuple[dict[str, Any] 
         flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.max_num_batched_tokens:
         flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.speculative_config:  # decode ITL with speculation (issue 12, part 5)
+        flags += ["--speculative-config", args.speculative_config]
     if name == "seer":
         seer = {"gates": str(args.model_dir / "gates"), "sparsity_method": "nz_ratio",
                 "nz_ratio": density, **json.loads(args.seer_extra)}

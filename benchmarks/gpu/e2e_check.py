@@ -291,7 +291,11 @@ def main() -> int:
     if missing:
         print("runs still missing (compare later):", missing, flush=True)
         return 0
-    ok, checks = judge(runs)
+    try:
+        ok, checks = judge(runs)
+    except ValueError as e:  # a run JSON of an older script
+        print(f"cannot judge: {e}", flush=True)
+        return 2
     summary = {"ok": ok, "checks": checks, "runs": list(runs.values())}
     out = Path(args.dir) / "e2e_check.json"
     out.write_text(json.dumps(summary, indent=1))

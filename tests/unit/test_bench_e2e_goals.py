@@ -128,12 +128,17 @@ def test_parse_args_defaults_compiled_and_the_eager_option() -> None:
     cfg, flags = e2e_run.server_args(e, "seer@0.1")
     assert "--enforce-eager" in flags and cfg["seer"]["nz_ratio"] == 0.1
     assert e.lengths == [16384] and e.phases == ["ttft", "sweep"]
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    _, flags = e2e_run.server_args(bench_e2e_ttft.parse_args(["--speculative-config", spec]),
+                                   "seer@0.1")
+    assert flags[flags.index("--speculative-config") + 1] == spec
     d = bench_e2e_ttft.parse_args(["--dry-run"])
     assert d.lengths == [512, 1024] and d.batch_length + d.max_tokens <= d.max_model_len
 
 
 @pytest.mark.parametrize("argv", [["--phases", "ttft,warp"], ["--lengths", "16k"],
-                                  ["--lengths", "131072"], ["--seer-extra", "{bad"]])
+                                  ["--lengths", "131072"], ["--seer-extra", "{bad"],
+                                  ["--speculative-config", "ngram"]])
 def test_parse_args_refuses_bad_input(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         bench_e2e_ttft.parse_args(argv)
