@@ -141,6 +141,23 @@ def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and 
               "tokens, median over the repeats."
               + (f" Prefill chunk (`max_num_batched_tokens`, server log): {', '.join(chunks)}."
                  if chunks else ""), ""]
+    if backends:
+        lines += _tables(agg, backends, dense, seer, labels, primary)
+    else:
+        lines += ["No single-request (ttft phase) measurements in these runs."]
+    skipped = [(r["backend"], s) for r in runs for s in r.get("skipped", [])]
+    errors = [(r["backend"], r["error"]) for r in runs if r.get("error")]
+    if skipped or errors:
+        lines += ["", "## Skipped / errors", ""]
+        lines += [f"- {b}: skipped {_skip_what(s)}: {s['why']}" for b, s in skipped]
+        lines += [f"- {b}: error: {e}" for b, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _tables(agg: dict[str, dict[str, dict[str, Any]]], backends: list[str], dense: list[str],
+            seer: list[str], labels: list[str], primary: str | None) -> list[str]:
+    """The TTFT, Seer-detail and decode-ITL tables of :func:`render_report`."""
+    lines: list[str] = []
     # TTFT per backend
     lines += ["## TTFT (s)", "", "| prompt | " + " | ".join(f"{b} (n)" for b in backends) + " |",
               "|---|" + "---|" * len(backends)]
@@ -200,14 +217,7 @@ def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and 
                       f"{b}: " + ", ".join(f"{lab} {agg[b][lab]['vllm_itl_s'] * 1e3:.2f}"
                                            for lab in labels if "vllm_itl_s" in agg[b].get(lab, {}))
                       for b in vi)]
-    skipped = [(r["backend"], s) for r in runs for s in r.get("skipped", [])]
-    errors = [(r["backend"], r["error"]) for r in runs if r.get("error")]
-    if skipped or errors:
-        lines += ["", "## Skipped / errors", ""]
-        lines += [f"- {b}: skipped {_skip_what(s)}: {s['why']}" for b, s in skipped]
-        lines += [f"- {b}: error: {e}" for b, e in errors]
-    return "\n".join(lines) + "\n"
-
+    return lines
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     """The run records of result files; a missing or malformed file is refused by name."""

@@ -132,6 +132,11 @@ def run_backend(backend: str, args: argparse.Namespace, env_info: dict[str, Any]
         clock.log(f"{backend}: server up in {record['server']['startup_s']} s")
         for ln in record["server"]["log_lines"][:12]:
             clock.log(f"  log| {ln[-160:]}")
+        warm = make_prompt(backend, args.warmup_tokens, "warmup", lo, hi)
+        res = stream_completion(srv.port, srv.model_name, warm, 8,
+                                timeout=min(args.request_timeout, 300))
+        record["warmup"] = {"tokens": len(warm), "ttft_s": res["ttft_s"]}  # the first request
+        clock.log(f"{backend}: warm-up {len(warm)} tokens TTFT {res['ttft_s']:.3f} s")
         if "ttft" in args.phases:
             _measure(srv, backend, args, clock, lengths, record, is_seer, lo, hi)
         run_workloads(srv, backend, args, clock, record, lo, hi)
@@ -163,10 +168,6 @@ def _flush_seer(srv: Any, lo: int) -> None:
 
 def _measure(srv: Any, backend: str, args: argparse.Namespace, clock: Clock, lengths: list[int],
              record: dict[str, Any], is_seer: bool, lo: int, hi: int) -> None:
-    warm = make_prompt(backend, args.warmup_tokens, "warmup", lo, hi)
-    res = stream_completion(srv.port, srv.model_name, warm, 8, timeout=min(args.request_timeout, 300))
-    record["warmup"] = {"tokens": len(warm), "ttft_s": res["ttft_s"]}  # the server's first request
-    clock.log(f"{backend}: warm-up {len(warm)} tokens TTFT {res['ttft_s']:.3f} s")
     if is_seer:
         _flush_seer(srv, lo)
     base = scrape(srv.url)

@@ -188,3 +188,13 @@ def test_compare_refuses_missing_and_malformed_files_by_name(tmp_path: Path) -> 
     bad.write_text('{"schema": 1}')
     with pytest.raises(SystemExit, match="list 'runs'"):
         bench_e2e_ttft.main(["--report", str(bad)])
+
+
+def test_report_of_runs_without_the_ttft_phase(tmp_path: Path) -> None:
+    only = run("seer@0.1", [], workloads={"short": wl(19.0, 10.1, "short")},
+               warmup={"tokens": 20000, "ttft_s": 3.0})
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({"schema": 1, "runs": [only]}))
+    md = bench_e2e_ttft.compare([path], None, None, print_only=True)
+    assert "No single-request (ttft phase) measurements in these runs." in md
+    assert "| short | seer@0.1 | short (32) | 32/32 | 19.00 | 1216 |" in md
