@@ -1,281 +1,108 @@
-"""End-to-end TTFT / decode ITL of ``vllm serve`` with Seer vs FLASH_ATTN and TRITON_ATTN (issue 4).
+"""End-to-end TTFT, decode ITL and throughput of ``vllm serve`` with Seer vs FLASH_ATTN (issues 4, 12).
 
 Model: the Llama-3.1-8B architecture with random weights (``--load-format dummy``: the model folder
 holds only ``config.json`` and a project-made tokenizer, no weights file), plus a random gate
 checkpoint of the right shapes in top-k (``nz_ratio``) mode, so the density is fixed by the setting.
 Everything is built offline and deterministically on first use (a few seconds).
 
-For each backend named in ``--backends`` (``FLASH_ATTN``, ``TRITON_ATTN``, ``seer@0.3``, ``seer@0.1``,
-``seer@0.05``; ``default`` = no ``--attention-backend`` flag) the script starts one real ``vllm serve``
-(``vllm_seer.testing.SeerServer``; eager, bf16, ``--max-model-len 131072``, default chunked prefill,
-prefix caching on, seed 0), warms it up, then for each prompt length sends random token-id prompts
-(unique per backend, length and repeat, so never a prefix-cache hit) through the streaming
-completions API and measures, client side, the time to the first streamed token (TTFT) and the gaps
-between later tokens (decode inter-token latency). After each request it reads ``/metrics``: vLLM's
-own TTFT histogram and, for Seer, the block counters (achieved density) and the gate / sparse-attention
-time histograms (share of the TTFT), all as per-request deltas. Results are appended to a JSON file
-after every request (a run cut short keeps what it measured). A wall-clock budget (``--budget-s``)
-skips what would not fit, so one invocation stays inside a 10-minute limit.
+Mode: vLLM's defaults, torch.compile + CUDA graphs (what users run), unless ``--eager``
+(``--enforce-eager``). For each backend of ``--backends`` (default ``FLASH_ATTN,seer@0.1,seer@0.05``;
+also ``TRITON_ATTN``, ``seer@<d>``, ``default`` = no ``--attention-backend`` flag) the script starts
+one real ``vllm serve`` (bf16, ``--max-model-len 131072``, default chunked prefill, prefix caching
+on, seed 0), warms it up, and runs the phases of ``--phases`` (default all) on it:
 
-``--report A.json [B.json ...]`` turns the JSON files into the markdown table (and the issue's
-goals, marked met / missed). ``--dry-run`` runs the whole orchestration on a CPU machine with a
-tiny model of the same kind (2 layers, float32, 512 / 1024-token prompts, the CPU default backend
-and ``seer@0.3``).
+* ``ttft``: per prompt length (default 16k / 32k / 64k / 128k; 128k = 130944 = 131072 - 64 decode
+  tokens - 64, whole 64-token blocks) ``--repeats`` (2) single streamed requests of random token
+  ids (unique per backend, length and repeat: never a prefix-cache hit): client-side TTFT, the gaps
+  between later tokens (decode ITL at batch 1), vLLM's own TTFT / ITL histograms and, for Seer, the
+  achieved density and gate / sparse-attention time as per-request deltas of ``/metrics``. The
+  first and second request of a length on the same server give the first-request penalty.
+* ``batch``: 32 streams decoding together on 32k-token contexts (they share all but 256 prompt
+  tokens, so the KV cache holds them): decode ITL at batch 32 (:mod:`e2e_load`).
+* ``short``: 64 requests of 1024 tokens at once: request throughput of ordinary traffic.
+* ``mixed``: 48 short requests arriving at 8/s (seeded Poisson) and 4 long (32k) prompts among them:
+  request throughput, TTFT and ITL percentiles per class.
+* ``sweep``: single requests at 1k / 2k / 4k / 8k / 16k for the crossover length where Seer starts
+  to win; run it with ``--seer-extra '{"min_prefill_tokens": 64}'`` so that the Seer path is taken
+  at every length (otherwise the short prompts take the dense path by the CUDA default).
 
-Prompt lengths: 8192, 32768 and 130944 (= 131072 - 64 decode tokens - 64, a whole number of 64-token
-blocks; labelled 128k). Each length runs ``--repeats`` times (default 2; TTFT = the minimum), except
-that a request slower than ``--repeat-limit-s`` (30 s: TRITON_ATTN at 128k, ~62 s) is not repeated.
-Seer metrics are published by the workers at most once a second on CUDA, at the next engine step, so
-after each Seer request the script waits 1.2 s and sends a 3-token request before reading them.
+Results are appended to ``--out`` after every request or workload (a run cut short keeps what it
+measured). A wall-clock budget (``--budget-s``) skips what would not fit, so one invocation stays
+inside a 10-minute limit: on the GPU host run one backend (or a few phases / lengths) per call,
+then join the calls' JSONs with ``--compare``, which writes the goals JSON
+(``benchmarks/results/e2e-ttft-h200.json``: device, date, versions, mode, goals, ...; see
+:mod:`e2e_goals`) and the markdown tables (``.md`` beside it). ``--dry-run`` runs the whole flow on a
+CPU machine with a tiny model of the same kind (2 layers, float32, 512 / 1024-token prompts, the CPU
+default backend and ``seer@0.3``, small workloads).
 
-GPU host (vLLM 0.26, one invocation per 10-minute command; estimated: server start-up ~1.5-2 min,
-FLASH_ATTN ~2.5 min in all, TRITON_ATTN ~3.5 min, each Seer density ~3 min)::
+GPU host (vLLM 0.26; compiled start-up ~2 min; one command per call)::
 
+    cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends FLASH_ATTN --out $OUT/fa.json
+    cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends seer@0.1 --out $OUT/s01.json
+    cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends seer@0.05 \\
+        --phases ttft --out $OUT/s005.json
     cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends FLASH_ATTN,seer@0.1 \\
-        --out $OUT/ttft-1.json
-    cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends TRITON_ATTN,seer@0.05 \\
-        --out $OUT/ttft-2.json
-    cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends seer@0.3 --out $OUT/ttft-3.json
-    python benchmarks/bench_e2e_ttft.py --report ttft-1.json ttft-2.json ttft-3.json \\
-        --report-out benchmarks/results/e2e-ttft-h100.md
+        --phases sweep --seer-extra '{"min_prefill_tokens": 64}' --out $OUT/sweep.json
+    cd /tmp && python /path/to/benchmarks/bench_e2e_ttft.py --backends FLASH_ATTN,seer@0.1 \\
+        --phases ttft,batch --lengths 32768 --speculative-config \\
+        '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}' --out $OUT/spec.json
+    python benchmarks/bench_e2e_ttft.py --compare fa.json s01.json s005.json sweep.json
+
+(the speculative run answers part 5's decode ITL with speculation; keep it out of ``--compare``'s
+goals, which are for plain decoding)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import random
-import re
-import shutil
 import signal
 import subprocess
 import sys
-import time
-import zlib
 from pathlib import Path
 from typing import Any
 
-from e2e_client import (
-    SEER_SERIES,
-    VLLM_SERIES,
-    collect_env,
-    delta,
-    itl_stats,
-    scrape,
-    stream_completion,
-)
-from e2e_model import SCHEMA, ensure_model, model_config, regular_token_range
-from e2e_report import length_label, load_runs, parse_backend, render_report
+from e2e_client import collect_env
+from e2e_goals import goals_markdown, summary, workloads_markdown
+from e2e_model import ensure_model
+from e2e_report import load_runs, parse_backend, render_report
+from e2e_run import Clock, make_prompt, run_backend
 
-GPU_LENGTHS = (8192, 32768, 131072 - 64 - 64)  # 128k: max-model-len - max_tokens - 64 = 130944 (2046 blocks)
+__all__ = ["make_prompt", "main", "parse_args"]
+
+K = 1024
+GPU_LENGTHS = (16 * K, 32 * K, 64 * K, 131072 - 64 - 64)  # 128k: 130944 = 2046 blocks
 DRY_LENGTHS = (512, 1024)
+SWEEP_LENGTHS = (K, 2 * K, 4 * K, 8 * K, 16 * K)
+PHASES = ("ttft", "batch", "short", "mixed", "sweep")
+DEFAULT_PHASES = ("ttft", "batch", "short", "mixed")
 ALL_GPU_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "seer@0.3", "seer@0.1", "seer@0.05")
-FLUSH_WAIT_S = 1.2  # Seer workers publish metrics at most once a second on CUDA (next engine step)
+RESULTS = Path(__file__).resolve().parent / "results"
 
-# -- running one backend ---------------------------------------------------------------------------------
-
-class Clock:
-    """Wall-clock budget of the invocation; ``log`` prints timestamped progress lines (flushed)."""
-
-    def __init__(self, budget_s: float) -> None:
-        self.t0 = time.monotonic()
-        self.budget_s = budget_s
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def left(self) -> float:
-        return self.budget_s - self.elapsed()
-
-    def log(self, msg: str) -> None:
-        print(f"[{self.elapsed():7.1f}s] {msg}", flush=True)
-
-
-def make_prompt(backend: str, length: int, repeat: int | str, lo: int, hi: int) -> list[int]:
-    """Random token ids, deterministic and unique per (backend, length, repeat)."""
-    rng = random.Random(zlib.crc32(f"{backend}|{length}|{repeat}".encode()))
-    return [rng.randrange(lo, hi) for _ in range(length)]
-
-
-def server_args(args: argparse.Namespace, backend: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """``(additional_config, extra flags)`` of ``vllm serve`` for one backend."""
-    name, density = parse_backend(backend)
-    flags = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len), "--enforce-eager",
-             "--dtype", args.dtype, "--seed", "0"]
-    if not args.dry_run:
-        flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    if args.max_num_batched_tokens:
-        flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    if name == "seer":
-        seer = {"gates": str(args.model_dir / "gates"), "sparsity_method": "nz_ratio",
-                "nz_ratio": density, **json.loads(args.seer_extra)}
-        return {"seer": seer}, flags
-    if name != "default":
-        flags += ["--attention-backend", name]
-    return None, flags
-
-
-LOG_KEYS = ("max_num_batched_tokens", "ttention backend", "Using ", "KV cache", "Maximum concurrency",
-            "seer", "Seer", "version", "Chunked prefill", "rror")
-
-
-def interesting_log_lines(log: str, limit: int = 40) -> list[str]:
-    lines = [ln.strip()[-300:] for ln in log.splitlines() if any(k in ln for k in LOG_KEYS)]
-    return lines[:limit]
-
-
-def save_run(path: Path, record: dict[str, Any]) -> None:
-    """Insert / replace ``record`` (by ``run_id``) in the JSON file at ``path``, atomically."""
-    data: dict[str, Any] = {"schema": SCHEMA, "runs": []}
-    if path.is_file():
-        data = json.loads(path.read_text())
-    data["runs"] = [r for r in data.get("runs", []) if r.get("run_id") != record["run_id"]] + [record]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def run_backend(backend: str, args: argparse.Namespace, env_info: dict[str, Any], clock: Clock,
-                lengths: list[int]) -> dict[str, Any]:
-    """Serve one backend, warm it up, measure every length; the record is saved after each request."""
-    from vllm_seer.testing import SeerServer, ServerError
-
-    name, density = parse_backend(backend)
-    is_seer = name == "seer"
-    additional, flags = server_args(args, backend)
-    lo, hi = regular_token_range(model_config(args.dry_run))
-    run_id = f"{backend}-{datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    record: dict[str, Any] = {
-        "run_id": run_id, "backend": backend, "kind": name, "density_setting": density, "env": env_info,
-        "settings": {"flags": flags, "additional_config": additional, "max_tokens": args.max_tokens,
-                     "lengths": lengths, "repeats": args.repeats, "dry_run": args.dry_run},
-        "server": {}, "requests": [], "skipped": [], "error": None,
-    }
-    if clock.left() < args.min_server_s:
-        record["skipped"].append({"what": "server", "why": f"{clock.left():.0f} s left of the budget"})
-        clock.log(f"{backend}: skipped (only {clock.left():.0f} s left)")
-        save_run(args.out, record)
-        return record
-    clock.log(f"{backend}: starting vllm serve {' '.join(flags)}"
-              + (f" --additional-config {json.dumps(additional)}" if additional else ""))
-    srv = SeerServer(args.model_dir, additional, flags,
-                     startup_timeout=max(30.0, min(args.startup_timeout, clock.left() - 30)))
-    t_start = time.monotonic()
+def _csv(text: str, what: str, cast: Any = str) -> list[Any]:
     try:
-        try:
-            srv.start()
-        except ServerError as e:
-            record["error"] = f"server did not start: {str(e).splitlines()[0]}"
-            record["server"]["log_tail"] = srv.log()[-6000:]
-            clock.log(f"{backend}: {record['error']}\n{srv.log()[-3000:]}")
-            return record
-        log = srv.log()
-        record["server"].update(startup_s=round(time.monotonic() - t_start, 1),
-                                log_lines=interesting_log_lines(log))
-        clock.log(f"{backend}: server up in {record['server']['startup_s']} s")
-        for ln in record["server"]["log_lines"][:12]:
-            clock.log(f"  log| {ln[-160:]}")
-        _measure(srv, backend, args, clock, lengths, record, is_seer, lo, hi)
-    except Exception as e:  # keep what was measured; the record says what broke
-        record["error"] = f"{type(e).__name__}: {e}"
-        clock.log(f"{backend}: ERROR {record['error']}")
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: save, stop the server, then stop
-        record["error"] = "interrupted"
-        clock.log(f"{backend}: interrupted")
-        raise
-    finally:
-        save_run(args.out, record)
-        t_stop = time.monotonic()
-        srv.stop()
-        clock.log(f"{backend}: server stopped ({time.monotonic() - t_stop:.1f} s)")
-        with contextlib.suppress(OSError):
-            safe = re.sub(r"[^A-Za-z0-9._-]", "_", backend)
-            shutil.copy(srv.log_path, args.out.with_name(f"{args.out.stem}.{safe}.log"))
-            srv.log_path.unlink()
-    return record
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise SystemExit(f"{what}: {text!r} is not a comma-separated list ({e})") from e
 
-
-def _flush_seer(srv: Any, lo: int) -> None:
-    """Make the workers publish their Seer counters: one more engine step after the flush interval."""
-    time.sleep(FLUSH_WAIT_S)
-    srv.post("/v1/completions", {"model": srv.model_name, "prompt": [lo + 1, lo + 2, lo + 3],
-                                 "max_tokens": 1, "temperature": 0.0}, timeout=60)
-
-
-def _measure(srv: Any, backend: str, args: argparse.Namespace, clock: Clock, lengths: list[int],
-             record: dict[str, Any], is_seer: bool, lo: int, hi: int) -> None:
-    warm = make_prompt(backend, args.warmup_tokens, "warmup", lo, hi)
-    res = stream_completion(srv.port, srv.model_name, warm, 8, timeout=min(args.request_timeout, 300))
-    clock.log(f"{backend}: warm-up {len(warm)} tokens TTFT {res['ttft_s']:.3f} s")
-    if is_seer:
-        _flush_seer(srv, lo)
-    base = scrape(srv.url)
-    last: tuple[int, float] | None = None  # (length, ttft) of the last measured request
-    for length in lengths:
-        for rep in range(args.repeats):
-            estimate = 5.0 if last is None else last[1] * (length / last[0]) ** 2 * 1.1 + 5.0
-            if estimate + 15 > clock.left():
-                record["skipped"].append({"length": length, "repeat": rep,
-                                          "why": f"estimated {estimate:.0f} s, {clock.left():.0f} s left"})
-                clock.log(f"{backend}: {length_label(length)} rep {rep} skipped (estimate {estimate:.0f} s, "
-                          f"{clock.left():.0f} s left)")
-                continue
-            prompt = make_prompt(backend, length, rep, lo, hi)
-            timeout = min(args.request_timeout, max(30.0, clock.left() - 10))
-            clock.log(f"{backend}: {length_label(length)} ({length} tokens) rep {rep} ...")
-            res = stream_completion(srv.port, srv.model_name, prompt, args.max_tokens, timeout)
-            time.sleep(FLUSH_WAIT_S)  # vLLM records its own stats just after the last chunk
-            after_vllm = scrape(srv.url)
-            after = after_vllm
-            if is_seer:
-                _flush_seer(srv, lo)
-                after = scrape(srv.url)
-            req = {"length": length, "label": length_label(length), "repeat": rep,
-                   "ttft_s": res["ttft_s"], "e2e_s": res["e2e_s"], "prompt_tokens": res["prompt_tokens"],
-                   "completion_tokens": res["completion_tokens"],
-                   **itl_stats(res["chunk_times"], res["completion_tokens"]),
-                   **delta(after_vllm, base, VLLM_SERIES)}
-            if req["vllm_ttft_count"] >= 1:
-                req["vllm_ttft_s"] = req["vllm_ttft_sum"] / req["vllm_ttft_count"]
-            if req["vllm_itl_count"] >= 1:
-                req["vllm_itl_s"] = req["vllm_itl_sum"] / req["vllm_itl_count"]
-            if is_seer:  # (seer_tokens_dense includes the 3 tokens of the flush request)
-                req.update(delta(after, base, [*SEER_SERIES, "seer_tokens_sparse", "seer_tokens_dense"]))
-                if req["blocks_possible"] > 0:
-                    req["density"] = req["blocks_computed"] / req["blocks_possible"]
-            base = after
-            record["requests"].append(req)
-            save_run(args.out, record)
-            last = (length, res["ttft_s"])
-            extra = ""
-            if is_seer:
-                extra = (f" density {req.get('density', float('nan')):.3f} gate {req['gate_s']:.3f} s "
-                         f"attn {req['sparse_attn_s']:.3f} s sparse tokens {req['seer_tokens_sparse']:.0f}")
-            clock.log(f"{backend}: {req['label']} rep {rep} TTFT {res['ttft_s']:.3f} s "
-                      f"(vLLM {req.get('vllm_ttft_s', float('nan')):.3f} s) ITL median "
-                      f"{req.get('itl_median_s', float('nan')) * 1e3:.2f} ms p90 "
-                      f"{req.get('itl_p90_s', float('nan')) * 1e3:.2f} ms, e2e {res['e2e_s']:.2f} s, "
-                      f"cache hits {req['prefix_cache_hits']:.0f}{extra}")
-            if res["ttft_s"] > args.repeat_limit_s:
-                clock.log(f"{backend}: {req['label']} took > {args.repeat_limit_s:.0f} s: not repeated")
-                break
-
-
-# -- main ------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default=None,
                     help=f"comma-separated, any of {','.join(ALL_GPU_BACKENDS)} or default (no flag); "
-                    "default FLASH_ATTN,seer@0.1 (dry run: default,seer@0.3)")
+                    "default FLASH_ATTN,seer@0.1,seer@0.05 (dry run: default,seer@0.3)")
+    ap.add_argument("--eager", action="store_true",
+                    help="serve with --enforce-eager (default: vLLM's torch.compile + CUDA graphs)")
+    ap.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                    help=f"comma-separated, any of {','.join(PHASES)} (default "
+                    f"{','.join(DEFAULT_PHASES)}; sweep wants its own call, see the module doc)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "ttft.json",
                     help="JSON file results are appended to (server logs are copied beside it)")
-    ap.add_argument("--lengths", default=None, help="prompt lengths in tokens (default 8192,32768,130944)")
+    ap.add_argument("--lengths", default=None,
+                    help="ttft phase prompt lengths in tokens (default 16384,32768,65536,130944)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--repeat-limit-s", type=float, default=30.0,
                     help="a request slower than this is not repeated (TRITON_ATTN at 128k)")
@@ -284,6 +111,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup-tokens", type=int, default=None,
                     help="warm-up prompt (default 20000: longer than the Seer path's 16384-token "
                          "CUDA default, so every kernel has run before timing)")
+    ap.add_argument("--batch-streams", type=int, default=32, help="batch phase: streams")
+    ap.add_argument("--batch-length", type=int, default=None,
+                    help="batch phase: context per stream (default 32768; dry run 512)")
+    ap.add_argument("--short-requests", type=int, default=None,
+                    help="short phase: requests sent at once (default 64; dry run 8)")
+    ap.add_argument("--short-length", type=int, default=None,
+                    help="short and mixed phases: short prompt length (default 1024; dry run 128)")
+    ap.add_argument("--mixed-short", type=int, default=None,
+                    help="mixed phase: short requests (default 48; dry run 8)")
+    ap.add_argument("--mixed-rate", type=float, default=8.0,
+                    help="mixed phase: short-request arrivals per second (Poisson, seeded)")
+    ap.add_argument("--mixed-long", type=int, default=None,
+                    help="mixed phase: long requests among them (default 4; dry run 2)")
+    ap.add_argument("--mixed-long-length", type=int, default=None,
+                    help="mixed phase: long prompt length (default 32768; dry run 1024)")
+    ap.add_argument("--sweep-lengths", default=None,
+                    help="sweep phase lengths (default 1024,2048,4096,8192,16384; dry run 128,512)")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="wall-clock budget of this invocation; what would not fit is skipped")
     ap.add_argument("--min-server-s", type=float, default=200.0,
@@ -297,32 +141,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="chunk size; not set by default (vLLM's default chunked prefill)")
+    ap.add_argument("--speculative-config", default=None,
+                    help="vLLM's --speculative-config JSON for every server, e.g. "
+                    '\'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}\'')
     ap.add_argument("--seer-extra", default="{}", help="more Seer settings as JSON, e.g. "
                     '\'{"last_block_dense": false}\'')
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU check of the whole flow: tiny model, 512/1024 tokens, default + seer@0.3")
+    ap.add_argument("--compare", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="join the JSON files of earlier calls: write --summary-out and --report-out")
     ap.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSON",
-                    help="render the markdown table from these JSON files and exit")
+                    help="like --compare, but only print the markdown (unless --report-out)")
+    ap.add_argument("--summary-out", type=Path, default=None,
+                    help=f"goals JSON of --compare (default {RESULTS.name}/e2e-ttft-h200.json)")
     ap.add_argument("--report-out", type=Path, default=None,
-                    help="where --report writes (default: stdout only)")
+                    help=f"markdown of --compare (default {RESULTS.name}/e2e-ttft-h200.md)")
     args = ap.parse_args(argv)
-    if args.dry_run:
+    dry = args.dry_run
+    args.phases = _csv(args.phases, "--phases")
+    bad = [p for p in args.phases if p not in PHASES]
+    if bad:
+        ap.error(f"--phases: unknown phase(s) {bad}; expected some of {','.join(PHASES)}")
+    if dry:
         args.lengths = args.lengths or ",".join(map(str, DRY_LENGTHS))
         args.budget_s = max(args.budget_s, 1800.0)
         args.min_server_s = min(args.min_server_s, 60.0)
         seer_extra = {"min_prefill_tokens": 256, **json.loads(args.seer_extra)}
         args.seer_extra = json.dumps(seer_extra)
-    args.backends = args.backends or ("default,seer@0.3" if args.dry_run else "FLASH_ATTN,seer@0.1")
-    args.max_model_len = args.max_model_len or (2048 if args.dry_run else 131072)
-    args.max_tokens = args.max_tokens or (16 if args.dry_run else 64)
-    args.dtype = args.dtype or ("float32" if args.dry_run else "bfloat16")
-    args.warmup_tokens = args.warmup_tokens or (300 if args.dry_run else 20000)
+    for name, value in (("--seer-extra", args.seer_extra),
+                        ("--speculative-config", args.speculative_config or "{}")):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as e:
+            ap.error(f"{name}: not JSON ({e})")
+    args.backends = args.backends or ("default,seer@0.3" if dry else "FLASH_ATTN,seer@0.1,seer@0.05")
+    args.max_model_len = args.max_model_len or (2048 if dry else 131072)
+    args.max_tokens = args.max_tokens or (16 if dry else 64)
+    args.dtype = args.dtype or ("float32" if dry else "bfloat16")
+    args.warmup_tokens = args.warmup_tokens or (300 if dry else 20000)
+    args.batch_length = args.batch_length or (512 if dry else 32 * K)
+    args.batch_streams = args.batch_streams if not dry else min(args.batch_streams, 4)
+    args.short_requests = args.short_requests or (8 if dry else 64)
+    args.short_length = args.short_length or (128 if dry else K)
+    args.mixed_short = args.mixed_short or (8 if dry else 48)
+    args.mixed_long = args.mixed_long or (2 if dry else 4)
+    args.mixed_long_length = args.mixed_long_length or (1024 if dry else 32 * K)
+    args.sweep_lengths = _csv(args.sweep_lengths or ",".join(
+        map(str, (128, 512) if dry else SWEEP_LENGTHS)), "--sweep-lengths", int)
+    args.lengths = _csv(args.lengths or ",".join(map(str, GPU_LENGTHS)), "--lengths", int)
+    longest = max([*args.lengths, args.batch_length, args.mixed_long_length, *args.sweep_lengths])
+    if longest + args.max_tokens > args.max_model_len:
+        ap.error(f"prompt length {longest} + max_tokens {args.max_tokens} exceeds --max-model-len "
+                 f"{args.max_model_len}")
     if args.model_dir is None:
         import tempfile
 
-        name = "vllm-seer-bench-tiny" if args.dry_run else "vllm-seer-bench-llama31-8b"
+        name = "vllm-seer-bench-tiny" if dry else "vllm-seer-bench-llama31-8b"
         args.model_dir = Path(tempfile.gettempdir()) / name
     return args
+
+
+def compare(paths: list[Path], summary_out: Path | None, report_out: Path | None,
+            print_only: bool = False) -> str:
+    """Join the runs of ``paths``: the markdown (returned; written to ``report_out``) and, unless
+    ``print_only``, the goals JSON (``summary_out``)."""
+    runs = load_runs(paths)
+    goals = summary(runs)
+    text = (render_report(runs, f"End-to-end TTFT, decode ITL and throughput ({goals['mode']})")
+            + workloads_markdown(runs) + goals_markdown(goals))
+    if not print_only:
+        summary_out = summary_out or RESULTS / "e2e-ttft-h200.json"
+        report_out = report_out or summary_out.with_suffix(".md")
+    for path, content in ((summary_out, json.dumps(goals, indent=1) + "\n"), (report_out, text)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    return text
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -341,36 +235,29 @@ def gpu_memory_used() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.report:
-        text = render_report(load_runs(args.report))
-        if args.report_out:
-            args.report_out.parent.mkdir(parents=True, exist_ok=True)
-            args.report_out.write_text(text)
-        print(text, flush=True)
+    if args.compare or args.report:
+        print(compare(args.compare or args.report, args.summary_out, args.report_out,
+                      print_only=args.report is not None and args.compare is None), flush=True)
         return 0
     clock = Clock(args.budget_s)
     signal.signal(signal.SIGTERM, _on_sigterm)  # `timeout` sends SIGTERM: stop the servers cleanly
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = _csv(args.backends, "--backends")
     for b in backends:
         parse_backend(b)  # fail early on a bad name
-    lengths = [int(x) for x in (args.lengths or ",".join(map(str, GPU_LENGTHS))).split(",")]
-    too_long = [n for n in lengths if n + args.max_tokens > args.max_model_len]
-    if too_long:
-        raise SystemExit(f"prompt lengths {too_long} + max_tokens {args.max_tokens} exceed "
-                         f"--max-model-len {args.max_model_len}")
     args.out = args.out.resolve()
     clock.log(f"building / checking the model folder {args.model_dir}")
     ensure_model(args.model_dir, tiny=args.dry_run)
     env_info = collect_env()
     clock.log(f"env: {json.dumps(env_info)}; GPU memory used now: {gpu_memory_used()}")
-    clock.log(f"backends {backends}, lengths {lengths}, repeats {args.repeats}, max_tokens {args.max_tokens},"
-              f" budget {args.budget_s:.0f} s, results → {args.out}")
+    clock.log(f"backends {backends}, {'eager' if args.eager else 'compiled'}, phases {args.phases}, "
+              f"lengths {args.lengths}, repeats {args.repeats}, max_tokens {args.max_tokens}, "
+              f"budget {args.budget_s:.0f} s, results → {args.out}")
     failed = 0
     for b in backends:
-        rec = run_backend(b, args, env_info, clock, lengths)
+        rec = run_backend(b, args, env_info, clock, args.lengths)
         failed += rec["error"] is not None
     clock.log(f"done; {failed} backend(s) with errors; results in {args.out}")
-    print(render_report(load_runs([args.out])), flush=True)
+    print(compare([args.out], None, None, print_only=True), flush=True)
     return 1 if failed else 0
 
 

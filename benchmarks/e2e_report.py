@@ -1,5 +1,5 @@
 """Result tables of ``bench_e2e_ttft.py``: per-request JSON records pooled per backend and length,
-rendered as markdown with the issue's goals marked met / missed."""
+rendered as markdown (the goals and the concurrent workloads: :mod:`e2e_goals`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-GOAL_TTFT = (("128k", 0.1, 2.4), ("32k", 0.1, 1.3))  # (length, Seer density, min speedup vs FLASH_ATTN)
-GOAL_ITL = 0.97  # Seer decode speed >= 0.97x FLASH_ATTN (ITL_FA / ITL_seer)
 
 
 def parse_backend(spec: str) -> tuple[str, float | None]:
@@ -28,7 +25,6 @@ def parse_backend(spec: str) -> tuple[str, float | None]:
 
 def length_label(n: int) -> str:
     return f"{round(n / 1024)}k" if n >= 1024 else str(n)
-
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -107,42 +103,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def goals(agg: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, str, str]]:
-    """``(goal, status, detail)`` for the issue's goals; status is met / missed / not measured."""
-    rows: list[tuple[str, str, str]] = []
-    fa = agg.get("FLASH_ATTN", {})
-    seer_backends = [b for b in agg if parse_backend(b)[0] == "seer"]
-    for label, density, target in GOAL_TTFT:
-        seer = agg.get(f"seer@{density}", {}).get(label)
-        base = fa.get(label)
-        goal = f"TTFT ≥ {target}x FLASH_ATTN at {label}, density {density}"
-        if seer is None or base is None:
-            rows.append((goal, "not measured", ""))
-            continue
-        sp = base["ttft_s"] / seer["ttft_s"]
-        rows.append((goal, "met" if sp >= target else "missed",
-                     f"{sp:.2f}x ({base['ttft_s']:.2f} s → {seer['ttft_s']:.2f} s)"))
-    itl = [(b, lab, fa[lab]["itl_median_s"] / s["itl_median_s"]) for b in seer_backends
-           for lab, s in agg[b].items() if "itl_median_s" in s and "itl_median_s" in fa.get(lab, {})]
-    goal = f"decode ITL no worse than {GOAL_ITL}x FLASH_ATTN (every Seer density and length)"
-    if itl:
-        worst = min(itl, key=lambda t: t[2])
-        rows.append((goal, "met" if worst[2] >= GOAL_ITL else "missed",
-                     f"worst {worst[2]:.3f}x ({worst[0]} at {worst[1]})"))
-    else:
-        rows.append((goal, "not measured", ""))
-    ttft = [(b, lab, fa[lab]["ttft_s"] / s["ttft_s"]) for b in seer_backends for lab, s in agg[b].items()
-            if lab in fa]
-    goal = "Seer TTFT never slower than FLASH_ATTN (every density and length)"
-    if ttft:
-        worst = min(ttft, key=lambda t: t[2])
-        rows.append((goal, "met" if worst[2] >= 1.0 else "missed",
-                     f"worst {worst[2]:.2f}x ({worst[0]} at {worst[1]})"))
-    else:
-        rows.append((goal, "not measured", ""))
-    return rows
-
-
 def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and decode ITL") -> str:
     """Markdown: environment, TTFT per backend, Seer speedups / density / time shares, ITL, goals."""
     agg = aggregate(runs)
@@ -181,6 +141,23 @@ def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and 
               "tokens, median over the repeats."
               + (f" Prefill chunk (`max_num_batched_tokens`, server log): {', '.join(chunks)}."
                  if chunks else ""), ""]
+    if backends:
+        lines += _tables(agg, backends, dense, seer, labels, primary)
+    else:
+        lines += ["No single-request (ttft phase) measurements in these runs."]
+    skipped = [(r["backend"], s) for r in runs for s in r.get("skipped", [])]
+    errors = [(r["backend"], r["error"]) for r in runs if r.get("error")]
+    if skipped or errors:
+        lines += ["", "## Skipped / errors", ""]
+        lines += [f"- {b}: skipped {_skip_what(s)}: {s['why']}" for b, s in skipped]
+        lines += [f"- {b}: error: {e}" for b, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _tables(agg: dict[str, dict[str, dict[str, Any]]], backends: list[str], dense: list[str],
+            seer: list[str], labels: list[str], primary: str | None) -> list[str]:
+    """The TTFT, Seer-detail and decode-ITL tables of :func:`render_report`."""
+    lines: list[str] = []
     # TTFT per backend
     lines += ["## TTFT (s)", "", "| prompt | " + " | ".join(f"{b} (n)" for b in backends) + " |",
               "|---|" + "---|" * len(backends)]
@@ -240,20 +217,21 @@ def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and 
                       f"{b}: " + ", ".join(f"{lab} {agg[b][lab]['vllm_itl_s'] * 1e3:.2f}"
                                            for lab in labels if "vllm_itl_s" in agg[b].get(lab, {}))
                       for b in vi)]
-    lines += ["", "## Goals (issue 4; reported, not asserted)", "", "| goal | status | measured |",
-              "|---|---|---|"]
-    lines += [f"| {g} | {st} | {d} |" for g, st, d in goals(agg)]
-    skipped = [(r["backend"], s) for r in runs for s in r.get("skipped", [])]
-    errors = [(r["backend"], r["error"]) for r in runs if r.get("error")]
-    if skipped or errors:
-        lines += ["", "## Skipped / errors", ""]
-        lines += [f"- {b}: skipped {_skip_what(s)}: {s['why']}" for b, s in skipped]
-        lines += [f"- {b}: error: {e}" for b, e in errors]
-    return "\n".join(lines) + "\n"
-
+    return lines
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """The run records of result files; a missing or malformed file is refused by name."""
     runs: list[dict[str, Any]] = []
     for p in paths:
-        runs += json.loads(Path(p).read_text()).get("runs", [])
+        path = Path(p)
+        if not path.is_file():
+            raise SystemExit(f"result file {path}: no such file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"result file {path}: not JSON ({e})") from e
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+            raise SystemExit(f"result file {path}: expected an object with a list 'runs' "
+                             "(written by bench_e2e_ttft.py)")
+        runs += data["runs"]
     return runs

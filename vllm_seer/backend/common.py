@@ -3,6 +3,13 @@
 The metadata builder splits each batch into requests that take the Seer path (prefill rows whose
 context is at least ``min_prefill_tokens``) and the rest (decodes, short prefills), which go to the
 inherited dense backend on their own slice of the batch: no row is computed twice.
+
+A row is a decode, as vLLM's own spec-as-decode backends classify rows, when its query has at most
+``decode_max_query_len`` tokens: 1 without speculative decoding, ``1 + num_speculative_tokens`` with
+it (the verification row: :func:`vllm_seer.backend.compat.max_decode_query_len`). So under
+speculation a genuine prefill chunk of at most that many tokens (the short tail of a chunked prompt,
+or a prefix-cache hit that leaves a few tokens to compute) also takes the dense path, as it does in
+vLLM's own backends; dense is exact, and those few query rows cost little either way.
 """
 
 from __future__ import annotations
@@ -63,8 +70,10 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor,
                 min_prefill_tokens: int, block_size: int, num_heads: int,
-                causal: bool) -> tuple[SparsePlan | None, list[int]]:
-    """Pick the Seer requests of a batch.
+                causal: bool, decode_max_query_len: int = 1) -> tuple[SparsePlan | None, list[int]]:
+    """Pick the Seer requests of a batch: causal rows with more than ``decode_max_query_len``
+    query tokens (not a decode or speculative verification row) on a context of at least
+    ``min_prefill_tokens``.
 
     Returns:
         (plan or ``None``, dense request indices).
@@ -72,7 +81,8 @@ def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: to
     sparse, dense = [], []
     for i, L in enumerate(seq_lens):
         n = query_start_loc[i + 1] - query_start_loc[i]
-        (sparse if causal and n > 1 and min_prefill_tokens <= L else dense).append(i)
+        seer_row = causal and n > decode_max_query_len and min_prefill_tokens <= L
+        (sparse if seer_row else dense).append(i)
     if not sparse:
         return None, dense
     dev = block_table.device
@@ -135,9 +145,12 @@ def build_step(inherited_build: Callable[[int, Any, bool], Any], common_prefix_l
     """
     seq_host = compat.host_seq_lens(cm)
     qsl = cm.query_start_loc_cpu.tolist()
+    decode_len = rt.decode_max_query_len
     plan, dense = plan_sparse(qsl, seq_host.tolist(), cm.block_table_tensor,
-                              rt.config.min_prefill_tokens, rt.block_size, num_heads, causal)
-    dense_prefill = sum(qsl[i + 1] - qsl[i] for i in dense if qsl[i + 1] - qsl[i] > 1)
+                              rt.config.min_prefill_tokens, rt.block_size, num_heads, causal,
+                              decode_len)
+    # decode and verification rows are no prefill tokens
+    dense_prefill = sum(qsl[i + 1] - qsl[i] for i in dense if qsl[i + 1] - qsl[i] > decode_len)
     rt.stats.add_tokens(sum(plan.query_lens) if plan else 0, dense_prefill)
     rt.stats.maybe_flush()
     md = SeerStepMetadata(cm.num_actual_tokens, plan, causal, step)
@@ -210,15 +223,18 @@ class SeerRuntime:
                         for i, w in ckpt.weights.items()}
         self.inv_freq = RopeSpec.from_hf_config(hf, head_dim).inv_freq().to(device)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        # rows up to this many query tokens are decodes (speculative verification rows included)
+        self.decode_max_query_len = compat.max_decode_query_len(vllm_config)
         served = model_config.served_model_name
         model_name = served[0] if isinstance(served, list | tuple) else str(served)
         engine = str(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0)
         self.stats = WorkerStats({"model_name": model_name, "engine": engine},
                                  {**self.config.describe(), "block_size": str(self.block_size)},
                                  self.num_layers, device, count_requests=tp_rank == 0)
-        logger.info("Seer backend ready: gates %s (%d layers), %s, min_prefill_tokens=%d",
-                    self.config.gates_source, self.num_layers, self.config.selection,
-                    self.config.min_prefill_tokens)
+        logger.info("Seer backend ready: gates %s (%d layers), %s, min_prefill_tokens=%d, "
+                    "decode rows up to %d query tokens", self.config.gates_source,
+                    self.num_layers, self.config.selection, self.config.min_prefill_tokens,
+                    self.decode_max_query_len)
 
 
 class StepTimer:

@@ -5,6 +5,7 @@
   survive vLLM's spawned processes (a pickling reduction that re-registers before lookup);
 * host copies of per-request lengths in ``CommonAttentionMetadata`` (field names moved);
 * slicing a ``CommonAttentionMetadata`` to a subset of requests;
+* the widest query a decode row has under speculative decoding (the verification row);
 * per-layer KV cache views for each platform's layout.
 """
 
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 
 SEER_NAME = "SEER"
-
 
 
 def attention_cg_support() -> Any:
@@ -86,6 +86,30 @@ def is_seer_selection(selected: Any) -> bool:
 
         return registry._ATTN_OVERRIDES.get(selected, "").startswith("vllm_seer.")
     return False
+
+
+def max_decode_query_len(vllm_config: Any) -> int:
+    """The widest query row that vLLM's spec-as-decode backends count as a decode.
+
+    1 without speculative decoding; with it, the verification row of ``1 +
+    num_speculative_tokens`` (one accepted token plus the drafts). vLLM 0.32+ computes this in
+    ``vllm.v1.attention.backend.max_decode_query_len`` (which the builders'
+    ``_init_reorder_batch_threshold(..., supports_spec_as_decode=True)`` reads; it adds another
+    ``num_speculative_tokens`` for parallel drafting on model runner V1); vLLM 0.26 has the same rule
+    inline in ``AttentionMetadataBuilder._init_reorder_batch_threshold``:
+    ``1 + (2 if parallel_drafting else 1) * num_speculative_tokens``.
+    """
+    try:  # vLLM 0.32+
+        from vllm.v1.attention.backend import max_decode_query_len as vllm_max_decode_query_len
+    except ImportError:  # vLLM 0.26
+        vllm_max_decode_query_len = None
+    if vllm_max_decode_query_len is not None:
+        return int(vllm_max_decode_query_len(vllm_config))
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None or spec.num_speculative_tokens is None:
+        return 1
+    per_draft = 2 if spec.parallel_drafting else 1
+    return 1 + per_draft * int(spec.num_speculative_tokens)
 
 
 def host_seq_lens(cm: Any) -> torch.Tensor:
