@@ -63,9 +63,9 @@ class RopeSpec:
         if not self.theta > 0:
             raise ValueError(f"RoPE theta (rope_theta) must be > 0, got {self.theta}")
         if self.rope_type in REFUSED_ROPE_TYPES:
-            raise ValueError(f"rope_scaling type {self.rope_type!r} "
-                             f"({REFUSED_ROPE_TYPES[self.rope_type]}) is not supported by the Seer "
-                             f"gate; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported by the Seer "
+                             f"gate ({REFUSED_ROPE_TYPES[self.rope_type]}); supported: "
+                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
                 f"rope_scaling type {self.rope_type!r} is not supported by the Seer gate; "

@@ -393,7 +393,7 @@ def test_partial_rotary_refused_on_cuda_only() -> None:
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, {},
      "rope_scaling type 'dynamic' is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, {},
-     r"config\.json RoPE .*rope_scaling is missing 'original_max_position_embeddings'"),
+     r"trained for base_model .* type=default, but the served model .* type=yarn \(different RoPE"),
     ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "sliding_window": 1024,
       "num_local_experts": 4, "num_experts_per_tok": 2}, {},
      "has sliding_window=1024 < max_model_len=8192"),
@@ -413,7 +413,7 @@ def test_partial_rotary_refused_on_cuda_only() -> None:
       "n_layer": 4}, {},
      r"architecture \['GPT2LMHeadModel'\] is not supported \(expected one of LlamaForCausalLM"),
 ], ids=["sliding-window", "qwen2-sliding-layers", "alibi", "mla", "rope-dynamic",
-        "yarn-incomplete", "mixtral-sliding-window", "qwen3-moe-sliding-window", "dual-chunk",
+        "yarn-model-default-rope-gates", "mixtral-sliding-window", "qwen3-moe-sliding-window", "dual-chunk",
         "encoder-only", "non-causal-pooling", "encoder-decoder", "architecture"])
 def test_unsupported_model_refused(tiny: Path, tmp_path: Path, changes: dict[str, Any],
                                    kwargs: dict[str, Any], message: str) -> None:
