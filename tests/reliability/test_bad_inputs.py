@@ -332,6 +332,50 @@ def test_supported_variants_pass(tiny: Path, tmp_path: Path) -> None:
                        architectures=["MistralForCausalLM"], sliding_window=4096)
     gates_m = build_random_gates(tmp_path / "gm", json.loads((mistral / CONFIG_FILE).read_text()))
     _check(mistral, gates_m, max_model_len=4096)
+    _check(tiny, tiny / "gates", cache_dtype="fp8")  # the CPU reference path dequantizes it
+
+
+@pytest.mark.parametrize("variant", ["qwen2-moe-yarn", "qwen3-moe-yarn", "mixtral",
+                                     "phi3-longrope-partial"])
+def test_moe_and_long_rope_variants_pass(tmp_path: Path, variant: str) -> None:
+    """The MoE siblings and the YaRN / LongRoPE / partial-rotary configs (the e2e test serves them)
+    pass with gates made for them, and refuse gates of the variant's RoPE-less twin."""
+    from vllm_seer.tiny_model import VARIANTS
+
+    cfg_name, model_name, fields = VARIANTS[variant]
+    import transformers
+
+    out = tmp_path / "m"
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=2048, hidden_size=4 * int(fields.get("head_dim", 64)), intermediate_size=512,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, pad_token_id=0, bos_token_id=0, eos_token_id=2,
+        architectures=[model_name], **fields)
+    cfg.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_test_model() / name, out / name)
+    model_cfg = json.loads((out / CONFIG_FILE).read_text())
+    _check(out, build_random_gates(tmp_path / "g", model_cfg), max_model_len=4096)
+    if variant != "mixtral":
+        plain = {k: v for k, v in model_cfg.items()
+                 if k not in ("rope_scaling", "rope_parameters", "partial_rotary_factor")}
+        gates = build_random_gates(tmp_path / "g2", {**plain, "rope_theta": 1e6})
+        with pytest.raises(UnsupportedModelError, match="different RoPE frequencies"):
+            _check(out, gates, max_model_len=4096)
+
+
+def test_partial_rotary_refused_on_cuda_only() -> None:
+    """The Triton kernels rotate the whole head: partial rotary is CPU-only for now."""
+    from types import SimpleNamespace
+
+    from vllm_seer.validate import ServedModel, check_served_model
+
+    hf = SimpleNamespace(rope_theta=1e4, partial_rotary_factor=0.5, max_position_embeddings=4096)
+    m = ServedModel("m", ("Phi3ForCausalLM",), hf, head_dim=96, max_model_len=4096)
+    check_served_model(m)
+    with pytest.raises(UnsupportedModelError, match=r"rotates 48 of 96 channels .*cuda kernels"):
+        check_served_model(ServedModel("m", ("Phi3ForCausalLM",), hf, head_dim=96,
+                                       max_model_len=4096, device="cuda"))
 
 
 @pytest.mark.parametrize(("changes", "kwargs", "message"), [
@@ -346,12 +390,19 @@ def test_supported_variants_pass(tiny: Path, tmp_path: Path) -> None:
       "q_lora_rank": None, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32, "v_head_dim": 64,
       "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}, {},
      r"uses multi-head latent attention \(MLA, kv_lora_rank=64\)"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                          "original_max_position_embeddings": 2048}}, {},
-     r"config\.json RoPE .*rope_scaling type 'yarn' is not supported by the Seer gate"),
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, {},
      "rope_scaling type 'dynamic' is not supported"),
-    ({"partial_rotary_factor": 0.5}, {}, "partial_rotary_factor=0.5 is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, {},
+     r"trained for base_model .* type=default, but the served model .* type=yarn \(different RoPE"),
+    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "sliding_window": 1024,
+      "num_local_experts": 4, "num_experts_per_tok": 2}, {},
+     "has sliding_window=1024 < max_model_len=8192"),
+    ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "sliding_window": 1024,
+      "use_sliding_window": True, "num_experts": 4, "num_experts_per_tok": 2,
+      "moe_intermediate_size": 128}, {}, "has sliding_window=1024 < max_model_len=8192"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+      "dual_chunk_attention_config": {"chunk_size": 1024, "local_size": 128}}, {},
+     r"uses dual chunk attention \(dual_chunk_attention_config"),
     ({"model_type": "bert", "architectures": ["BertModel"], "type_vocab_size": 2}, {},
      r"has 'encoder_only' attention .*causal decoder attention only"),
     ({"is_causal": False}, {"runner": "pooling"}, "has 'encoder_only' attention"),
@@ -361,10 +412,9 @@ def test_supported_variants_pass(tiny: Path, tmp_path: Path) -> None:
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 256, "n_head": 4,
       "n_layer": 4}, {},
      r"architecture \['GPT2LMHeadModel'\] is not supported \(expected one of LlamaForCausalLM"),
-    ({}, {"cache_dtype": "fp8"}, "--kv-cache-dtype fp8 is not supported"),
-], ids=["sliding-window", "qwen2-sliding-layers", "alibi", "mla", "rope-yarn", "rope-dynamic",
-        "partial-rotary", "encoder-only", "non-causal-pooling", "encoder-decoder", "architecture",
-        "fp8-kv-cache"])
+], ids=["sliding-window", "qwen2-sliding-layers", "alibi", "mla", "rope-dynamic",
+        "yarn-model-default-rope-gates", "mixtral-sliding-window", "qwen3-moe-sliding-window", "dual-chunk",
+        "encoder-only", "non-causal-pooling", "encoder-decoder", "architecture"])
 def test_unsupported_model_refused(tiny: Path, tmp_path: Path, changes: dict[str, Any],
                                    kwargs: dict[str, Any], message: str) -> None:
     model = _variant(tiny, tmp_path / "m", **changes)

@@ -44,8 +44,8 @@ def test_rope_llama3_scaling_matches_transformers():
 
 
 def test_rope_refuses_unknown_variant():
-    cfg = SimpleNamespace(rope_theta=1e4, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(ValueError, match="'yarn' is not supported"):
+    cfg = SimpleNamespace(rope_theta=1e4, rope_scaling={"rope_type": "su", "factor": 4.0})
+    with pytest.raises(ValueError, match="'su' is not supported"):
         RopeSpec.from_hf_config(cfg, 64)
 
 

@@ -221,7 +221,9 @@ class SeerRuntime:
         lo, hi = tp_rank * num_heads, (tp_rank + 1) * num_heads
         self.weights = {i: w[lo:hi].to(device=device, dtype=torch.float32).contiguous()
                         for i, w in ckpt.weights.items()}
-        self.inv_freq = RopeSpec.from_hf_config(hf, head_dim).inv_freq().to(device)
+        rope = RopeSpec.from_hf_config(hf, head_dim, int(model_config.max_model_len))
+        self.inv_freq = rope.inv_freq().to(device)  # [rotary_dim // 2]
+        self.rope_scale = rope.attention_scale()  # YaRN / LongRoPE mscale in vLLM's cos/sin
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         # rows up to this many query tokens are decodes (speculative verification rows included)
         self.decode_max_query_len = compat.max_decode_query_len(vllm_config)
@@ -315,7 +317,7 @@ def run_sparse_reference(rt: SeerRuntime, layer_idx: int, query: torch.Tensor,
         L = plan.context_lens[r] + plan.query_lens[r]
         k_ctx = gather_paged(k_cache, plan.block_table[r], L)
         mask, _ = gate_mask(q[cu[r]:cu[r + 1]], k_ctx, weight, rt.inv_freq, rt.block_size,
-                            rt.config.selection)
+                            rt.config.selection, rt.rope_scale)
         masks.append(mask)
     index, count = masks_to_block_lists(masks)
     t1 = timer.mark()

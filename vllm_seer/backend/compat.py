@@ -202,6 +202,38 @@ def cuda_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor,
     return k, v
 
 
+def device_type(vllm_config: Any) -> str:
+    """``cpu`` / ``cuda``: ``DeviceConfig.device_type`` (0.26 … 0.33), else the platform's."""
+    dc = getattr(vllm_config, "device_config", None)
+    dev = getattr(dc, "device_type", None)
+    if not dev:
+        from vllm.platforms import current_platform
+
+        dev = current_platform.device_type
+    return str(dev)
+
+
+FP8_VIEWS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+             "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_scales(layer: Any) -> tuple[float, float]:
+    """vLLM's per-layer K / V cache scales (``Attention._k_scale_float`` / ``_v_scale_float``, in
+    every supported release; 1.0 unless the checkpoint or ``--calculate-kv-scales`` set them)."""
+    return float(layer._k_scale_float), float(layer._v_scale_float)
+
+
+def fp8_cache_dtype(cache_dtype: str) -> torch.dtype | None:
+    """The float8 dtype vLLM stores ``--kv-cache-dtype`` as (its cache tensors are uint8), or
+    ``None`` for an unquantized cache. vLLM's ``fp8`` is e4m3 (``fn``, no infinities) on CPU and
+    CUDA; the CPU writer rounds toward zero (checked in tests/unit/test_fp8_cache.py)."""
+    if cache_dtype in FP8_VIEWS:
+        return FP8_VIEWS[cache_dtype]
+    if cache_dtype.startswith("fp8"):
+        raise NotImplementedError(f"Seer backend: --kv-cache-dtype {cache_dtype} is not supported")
+    return None
+
+
 def tp_rank() -> int:
     from vllm.distributed import get_tensor_model_parallel_rank
 

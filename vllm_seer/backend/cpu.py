@@ -6,6 +6,7 @@ sub-batch; Seer rows through the PyTorch gate and the reference block-sparse att
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from vllm_seer.backend.common import (
     layer_index,
     run_sparse_reference,
 )
+from vllm_seer.backend.kv_dequant import dequantize_pages
 from vllm_seer.backend.runtime import get_runtime
 
 
@@ -49,6 +51,7 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
         get_runtime(get_current_vllm_config(), self.num_heads, self.num_kv_heads,
                     self.head_size, torch.device("cpu"))
         self._layer: int | None = None
+        self._fp8 = compat.fp8_cache_dtype(str(self.kv_cache_dtype))  # None: unquantized cache
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeerStepMetadata | None,
@@ -65,7 +68,13 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
             return output
         k_cache, v_cache = compat.cpu_kv_views(kv_cache, getattr(layer, "isa", "vec"))
         timer = StepTimer.for_step(md.step)
-        run_sparse_reference(rt, self._layer, query, k_cache, v_cache, md.plan, output,
+        plan = md.plan
+        if self._fp8 is not None:  # gate and attention read float8 * vLLM's per-layer scale
+            k_cache, v_cache, table = dequantize_pages(k_cache, v_cache, plan.block_table,
+                                                       plan.seq_lens, self._fp8,
+                                                       *compat.kv_scales(layer))
+            plan = dataclasses.replace(plan, block_table=table)
+        run_sparse_reference(rt, self._layer, query, k_cache, v_cache, plan, output,
                              self.scale, timer)
         if self._layer == last_sparse_layer(rt.num_layers, rt.config.dense_layers):
             finish_step(rt, md.plan, timer)

@@ -44,6 +44,7 @@ def served_model(vllm_config: Any) -> ServedModel:
         uses_alibi=bool(getattr(mc, "uses_alibi", False)),
         sliding_window=window,
         cache_dtype=str(getattr(cache_config, "cache_dtype", "auto")),
+        device=compat.device_type(vllm_config),
     )
 
 

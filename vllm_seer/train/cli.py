@@ -98,6 +98,13 @@ def train_gates_main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok = load_base_model(a.model, device, dtype)
+    rope = RopeSpec.from_hf_config(model.config, ModelShape.from_hf_config(model.config).head_dim,
+                                   model.config.max_position_embeddings)
+    if rope.partial or rope.attention_scale() != 1.0:
+        log.error("train-gates: %s has RoPE %s (rotary_dim %d, mscale %.4f); distillation supports "
+                  "full-dim RoPE without an attention scale only (default / linear / llama3)",
+                  a.model, rope.rope_type, rope.rotary_dim, rope.attention_scale())
+        return 2
     cache = a.cache or Path.home() / ".cache" / "vllm-seer" / "features" / (
         f"{Path(a.model).name}-T{a.seq_len}-B{a.block_size}")
     t0 = time.time()
