@@ -21,6 +21,8 @@ skips what would not fit, so one invocation stays inside a 10-minute limit.
 goals, marked met / missed). ``--dry-run`` runs the whole orchestration on a CPU machine with a
 tiny model of the same kind (2 layers, float32, 512 / 1024-token prompts, the CPU default backend
 and ``seer@0.3``).
+``--serve-args`` adds vLLM flags to every server (``--tensor-parallel-size 2``: the layouts of
+``benchmarks/gpu/parallel_check.py``), ``--compiled`` drops ``--enforce-eager``.
 
 Prompt lengths: 8192, 32768 and 130944 (= 131072 - 64 decode tokens - 64, a whole number of 64-token
 blocks; labelled 128k). Each length runs ``--repeats`` times (default 2; TTFT = the minimum), except
@@ -49,6 +51,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -103,8 +106,9 @@ def make_prompt(backend: str, length: int, repeat: int | str, lo: int, hi: int) 
 def server_args(args: argparse.Namespace, backend: str) -> tuple[dict[str, Any] | None, list[str]]:
     """``(additional_config, extra flags)`` of ``vllm serve`` for one backend."""
     name, density = parse_backend(backend)
-    flags = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len), "--enforce-eager",
-             "--dtype", args.dtype, "--seed", "0"]
+    flags = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len),
+             *([] if args.compiled else ["--enforce-eager"]), "--dtype", args.dtype, "--seed", "0",
+             *shlex.split(args.serve_args)]
     if not args.dry_run:
         flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.max_num_batched_tokens:
@@ -299,6 +303,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="chunk size; not set by default (vLLM's default chunked prefill)")
     ap.add_argument("--seer-extra", default="{}", help="more Seer settings as JSON, e.g. "
                     '\'{"last_block_dense": false}\'')
+    ap.add_argument("--serve-args", default="",
+                    help="more vllm serve flags for every backend, e.g. '--tensor-parallel-size 2'")
+    ap.add_argument("--compiled", action="store_true",
+                    help="without --enforce-eager (torch.compile and CUDA graphs; slower start-up)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU check of the whole flow: tiny model, 512/1024 tokens, default + seer@0.3")
     ap.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSON",
