@@ -131,6 +131,12 @@ def test_gates_of_another_depth_are_refused_on_every_stage(engine_configs, tmp_p
                         PipelineStage.of(LAYERS, rank, 2))
 
 
+def test_outside_a_worker_there_is_one_stage():
+    assert compat.pp_rank_and_size() == (0, 1)  # no pipeline group in this process
+    with pytest.raises(ValueError, match="pipeline stage 2 of 2 does not exist"):
+        PipelineStage.of(LAYERS, 2, 2)
+
+
 def test_stage_mapping_follows_vllm_partition_override(monkeypatch):
     monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "1,3")
     assert [PipelineStage.of(LAYERS, r, 2).layers for r in range(2)] == [range(0, 1),
