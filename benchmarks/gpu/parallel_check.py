@@ -57,6 +57,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # e2e_model / e2e_report beside bench_e2e_ttft.py
 sys.path.insert(0, str(HERE))  # e2e_check
 
+from e2e_check import lp_diff  # noqa: E402  (after the path set-up above)
+
 LAYOUTS = {"single": [], "tp2": ["--tensor-parallel-size", "2"],
            "pp2": ["--pipeline-parallel-size", "2"]}
 MODELS = ("tiny", "8b")
@@ -166,13 +168,6 @@ def load_runs(folders: list[Path]) -> dict[tuple[str, str, str], dict[str, Any]]
             model, layout, kind = f.stem.removeprefix("parallel_run_").split("_")
             runs[(model, layout, kind)] = json.loads(f.read_text())
     return runs
-
-
-def lp_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    """Largest and mean absolute prompt log-prob difference of two runs (all prompts)."""
-    d = [abs(x - y) for pa, pb in zip(a["prompt_lp"], b["prompt_lp"], strict=True)
-         for x, y in zip(pa, pb, strict=True)]
-    return {"max": max(d), "mean": sum(d) / len(d)}
 
 
 def within(d: dict[str, float], floor: dict[str, float]) -> bool:
