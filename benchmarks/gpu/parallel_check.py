@@ -2,7 +2,8 @@
 
 Layouts: ``single`` (one GPU), ``tp2`` (``--tensor-parallel-size 2``), ``pp2``
 (``--pipeline-parallel-size 2``). Needs two GPUs of one host (``nvidia-h200-x2``) for ``tp2`` /
-``pp2``; keep NCCL's NVLink multicast off (``NCCL_NVLS_ENABLE=0``, set here when unset).
+``pp2``; NVLink multicast stays off (``NCCL_NVLS_ENABLE=0`` and the PyTorch / NVSHMEM
+switches, set by this script for every server it starts).
 
 Correctness (``--part correctness``, eager, bf16): per model and layout four servers:
 ``flash`` (FLASH_ATTN), ``triton`` (TRITON_ATTN), ``seer1`` (Seer at density 1, ``nz_ratio`` 1.0)
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +68,9 @@ KINDS = ("flash", "triton", "seer1", "sparse")
 TTFT_LENGTHS = (32768, 131072 - 64 - 64)
 SLACK_MEAN, SLACK_MAX, LP_FLOOR = 2.0, 1.5, 0.02  # as benchmarks/gpu/e2e_check.py
 TP_COMPUTED_REL = 0.01
+# NVLink multicast stays off (the device host's rule: it can take shared GPUs out of service)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,6 +132,7 @@ def build_8b_shaped(folder: Path) -> Path:
     cfg = {**model_config(), "num_hidden_layers": 4, "vocab_size": 4096, "bos_token_id": 3840,
            "eos_token_id": 3841}
     tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted build
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
     with torch.no_grad():  # not a flat attention (see tiny_model)
@@ -136,6 +142,7 @@ def build_8b_shaped(folder: Path) -> Path:
     model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
     build_tokenizer(tmp, cfg["vocab_size"])
     build_gates(tmp / "gates", json.loads((tmp / "config.json").read_text()))
+    shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
 
@@ -276,7 +283,7 @@ def run_ttft(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # the device README: NVLink multicast off
+    os.environ.update(NO_MULTICAST)  # inherited by every server this script starts
     args.dir.mkdir(parents=True, exist_ok=True)
     folders = [args.dir, *args.compare]
     if args.part == "ttft":

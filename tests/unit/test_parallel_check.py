@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,16 @@ def test_ttft_report_compares_each_layout_with_one_gpu(tmp_path) -> None:
     assert checks["pp2 32k"]["ok"] is False and checks["pp2 128k"]["ok"] is True  # 1.37x, 2.56x
     assert rep["ok"] is False
     assert pc.ttft_report([tmp_path], tolerance=0.1)["checks"]["pp2 32k"]["ok"] is True
+
+
+def test_main_keeps_nvlink_multicast_off_and_reports(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    for name in ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    ttft_file(tmp_path, "single", {32768: 1.2}, {32768: 0.8})
+    ttft_file(tmp_path, "pp2", {32768: 1.2}, {32768: 0.8})
+    assert pc.main(["--part", "ttft-report", "--dir", str(tmp_path)]) == 0
+    assert all(os.environ[k] == v for k, v in pc.NO_MULTICAST.items())
+    report = json.loads((tmp_path / "parallel_ttft.json").read_text())
+    assert report["checks"] == {"pp2 32k": {"speedup": pytest.approx(1.5),
+                                            "single_gpu_speedup": pytest.approx(1.5), "ok": True}}
