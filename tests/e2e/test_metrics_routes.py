@@ -181,6 +181,7 @@ def test_pipeline_parallel_2(model, multiproc, tmp_root):
     assert next(s for s in snaps if s["count_requests"])["possible"][0] > 0
     assert tokens == multiproc["tokens"]
     check_seer_amounts(samples, multiproc["samples"], step_layers=range(2))
+    assert seer_folders(tmp_root) == []  # removed at exit (SIGTERM)
 
 
 def test_restart_starts_from_zero(model, multiproc, tmp_root):
