@@ -12,7 +12,6 @@ collector (``families``) and compared with a single-stage engine fed the same da
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ from vllm_seer.backend.stage import PipelineStage, reporting_stage
 from vllm_seer.checkpoint import GateCheckpointError, load_gates
 from vllm_seer.metrics import DIR_ENV
 from vllm_seer.metrics_server import families
-from vllm_seer.testing import CPU_ENV, ensure_test_model
+from vllm_seer.testing import ensure_test_model
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 4, 4, 2, 64  # the tiny model's
 LONG, PAGE = 1024, 16
@@ -46,8 +45,6 @@ def model():
 @pytest.fixture(scope="module")
 def engine_configs(model):
     """``pp`` → a real ``VllmConfig`` of the tiny model at ``--pipeline-parallel-size pp``."""
-    for k, v in CPU_ENV.items():
-        os.environ.setdefault(k, v)
     from vllm.engine.arg_utils import EngineArgs
 
     made: dict[tuple[int, str], object] = {}
