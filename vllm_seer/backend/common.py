@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from vllm_seer.backend import compat
+from vllm_seer.backend.stage import PipelineStage, reporting_stage
 from vllm_seer.checkpoint import GateCheckpoint, load_gates
 from vllm_seer.config import SeerConfig
 from vllm_seer.gate import gate_mask
@@ -154,7 +155,7 @@ def build_step(inherited_build: Callable[[int, Any, bool], Any], common_prefix_l
     rt.stats.add_tokens(sum(plan.query_lens) if plan else 0, dense_prefill)
     rt.stats.maybe_flush()
     md = SeerStepMetadata(cm.num_actual_tokens, plan, causal, step)
-    if plan is None or rt.config.dense_layers:
+    if plan is None or rt.has_dense_layers:
         md.full = inherited_build(common_prefix_len, cm, fast_build)
     if plan is not None and dense:
         rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense])
@@ -199,28 +200,50 @@ def layer_index(layer_name: str) -> int:
 
 
 class SeerRuntime:
-    """Per-process state: validated config, gate weights on the device, RoPE table, stats."""
+    """Per-process state: validated config, this stage's gate weights on the device, RoPE table,
+    stats.
+
+    Attributes:
+        num_layers: the whole model's layer count (all pipeline stages).
+        stage: this worker's pipeline stage (its layers by global index).
+        weights: global layer index → ``[Hq_local, 3 * head_dim, head_dim]`` fp32, for this
+            stage's layers only (this tensor-parallel rank's query heads).
+        sparse_layers: this stage's layers that take the sparse path (ascending).
+        last_sparse_layer: the last of them, where a step's accounting ends; ``None`` when every
+            layer of this stage is dense.
+    """
 
     def __init__(self, vllm_config: Any, config: SeerConfig, num_heads: int, num_kv_heads: int,
-                 head_dim: int, tp_rank: int, device: torch.device) -> None:
+                 head_dim: int, tp_rank: int, device: torch.device,
+                 stage: PipelineStage | None = None) -> None:
         """``config``: the settings as parsed and checked at start-up (with the served model, by
         :func:`vllm_seer.backend.runtime.check_startup`); the device default fills in
-        ``min_prefill_tokens`` when it was not given."""
+        ``min_prefill_tokens`` when it was not given. ``stage``: this worker's pipeline stage
+        (the only one when ``None``)."""
         self.config = config.for_device(device.type)
         model_config = vllm_config.model_config
         hf = model_config.hf_text_config if hasattr(model_config, "hf_text_config") else (
             model_config.hf_config)
         ckpt: GateCheckpoint = load_gates(self.config.gates)
-        total_q = num_heads * vllm_config.parallel_config.tensor_parallel_size
-        ckpt.check_against(num_layers=model_config.get_num_layers(vllm_config.parallel_config),
-                           num_q_heads=total_q,
+        parallel = vllm_config.parallel_config
+        total_q = num_heads * parallel.tensor_parallel_size
+        model_layers = compat.total_num_layers(model_config)  # every stage, not only this one
+        ckpt.check_against(num_layers=model_layers, num_q_heads=total_q,
                            num_kv_heads=model_config.get_total_num_kv_heads(),
                            head_dim=head_dim, where=f"the served model {model_config.model}")
+        self.stage = stage or PipelineStage.of(model_layers)
+        if self.stage.num_layers != model_layers:
+            raise ValueError(f"Seer backend: pipeline {self.stage.describe()} is of a "
+                             f"{self.stage.num_layers}-layer model; the served model has "
+                             f"{model_layers}")
         self.block_size = ckpt.block_size
         self.num_layers = ckpt.num_layers
         lo, hi = tp_rank * num_heads, (tp_rank + 1) * num_heads
-        self.weights = {i: w[lo:hi].to(device=device, dtype=torch.float32).contiguous()
-                        for i, w in ckpt.weights.items()}
+        self.weights = {i: ckpt.weights[i][lo:hi].to(device=device, dtype=torch.float32)
+                        .contiguous() for i in self.stage.layers}
+        self.sparse_layers = self.stage.sparse_layers(self.config.dense_layers)
+        self.last_sparse_layer = self.sparse_layers[-1] if self.sparse_layers else None
+        self.has_dense_layers = len(self.sparse_layers) < len(self.stage.layers)
         rope = RopeSpec.from_hf_config(hf, head_dim, int(model_config.max_model_len))
         self.inv_freq = rope.inv_freq().to(device)  # [rotary_dim // 2]
         self.rope_scale = rope.attention_scale()  # YaRN / LongRoPE mscale in vLLM's cos/sin
@@ -229,14 +252,31 @@ class SeerRuntime:
         self.decode_max_query_len = compat.max_decode_query_len(vllm_config)
         served = model_config.served_model_name
         model_name = served[0] if isinstance(served, list | tuple) else str(served)
-        engine = str(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0)
+        engine = str(getattr(parallel, "data_parallel_rank", 0) or 0)
+        counting = reporting_stage(self.num_layers, self.stage.size, self.config.dense_layers)
         self.stats = WorkerStats({"model_name": model_name, "engine": engine},
                                  {**self.config.describe(), "block_size": str(self.block_size)},
-                                 self.num_layers, device, count_requests=tp_rank == 0)
-        logger.info("Seer backend ready: gates %s (%d layers), %s, min_prefill_tokens=%d, "
-                    "decode rows up to %d query tokens", self.config.gates_source,
-                    self.num_layers, self.config.selection, self.config.min_prefill_tokens,
-                    self.decode_max_query_len)
+                                 self.num_layers, device,
+                                 count_requests=tp_rank == 0 and self.stage.rank == counting)
+        logger.info("Seer backend ready: gates %s (%d layers; pipeline %s, sparse layers %s), %s, "
+                    "min_prefill_tokens=%d, decode rows up to %d query tokens",
+                    self.config.gates_source, self.num_layers, self.stage.describe(),
+                    list(self.sparse_layers), self.config.selection,
+                    self.config.min_prefill_tokens, self.decode_max_query_len)
+
+    def layer_of(self, layer_name: str) -> int:
+        """The global layer index of one of this stage's attention layers, by its vLLM name.
+
+        Raises:
+            RuntimeError: the layer is not one of this stage's (vLLM assigned layers differently
+                from ``get_pp_indices``, or renamed them).
+        """
+        index = layer_index(layer_name)
+        if index not in self.stage.layers:
+            raise RuntimeError(f"Seer backend: attention layer {layer_name!r} is not a layer of "
+                               f"pipeline {self.stage.describe()} (vLLM's get_pp_indices); its "
+                               "gate weights are not loaded on this worker")
+        return index
 
 
 class StepTimer:
@@ -331,12 +371,9 @@ def run_sparse_reference(rt: SeerRuntime, layer_idx: int, query: torch.Tensor,
     timer.add_layer(computed, t0, t1, t2)
 
 
-def last_sparse_layer(num_layers: int, dense_layers: frozenset[int]) -> int:
-    return max(i for i in range(num_layers) if i not in dense_layers)
-
-
 def finish_step(rt: SeerRuntime, plan: SparsePlan, timer: StepTimer) -> None:
-    """After the last sparse layer of a step: hand the step to the stats (resolved at flush)."""
-    n_layers = rt.num_layers - len(rt.config.dense_layers)
+    """After this stage's last sparse layer of a step: hand the step to the stats (resolved at
+    flush); a request's possible blocks are those of this stage's sparse layers."""
     assert timer.computed is not None
+    n_layers = len(rt.sparse_layers)
     rt.stats.end_step(timer.computed, [p * n_layers for p in plan.possible], timer)

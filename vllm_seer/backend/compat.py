@@ -6,7 +6,8 @@
 * host copies of per-request lengths in ``CommonAttentionMetadata`` (field names moved);
 * slicing a ``CommonAttentionMetadata`` to a subset of requests;
 * the widest query a decode row has under speculative decoding (the verification row);
-* per-layer KV cache views for each platform's layout.
+* per-layer KV cache views for each platform's layout;
+* this worker's tensor-parallel rank and pipeline stage, and the stage-to-layer mapping.
 """
 
 from __future__ import annotations
@@ -241,3 +242,39 @@ def tp_rank() -> int:
         return get_tensor_model_parallel_rank()
     except AssertionError:  # model parallel group not initialised (single process tools)
         return 0
+
+
+def pp_rank_and_size() -> tuple[int, int]:
+    """This worker's pipeline stage and the number of stages: the pipeline group's
+    ``rank_in_group`` / ``world_size``, which vLLM's ``make_layers`` uses too (0.26, 0.32 and 0.33
+    alike). ``(0, 1)`` where no group exists (single-process tools)."""
+    from vllm.distributed.parallel_state import get_pp_group
+
+    try:
+        group = get_pp_group()
+    except AssertionError:  # model parallel group not initialised
+        return 0, 1
+    return int(group.rank_in_group), int(group.world_size)
+
+
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
+    """The global indices of the layers that pipeline stage ``pp_rank`` of ``pp_size`` builds.
+
+    vLLM's own mapping (``vllm.distributed.utils.get_pp_indices``, the function its
+    ``make_layers`` calls; the same code in 0.26, 0.32 and 0.33, ``VLLM_PP_LAYER_PARTITION``
+    included). The layers keep their global index in their names (``model.layers.{i}...``).
+    """
+    from vllm.distributed.utils import get_pp_indices
+
+    start, end = get_pp_indices(num_layers, pp_rank, pp_size)
+    return range(start, end)
+
+
+def total_num_layers(model_config: Any) -> int:
+    """The whole model's hidden layer count (all pipeline stages), from vLLM's ``ModelConfig``
+    (``get_total_num_hidden_layers`` in 0.26 … 0.33; the HF config's field otherwise)."""
+    get_total = getattr(model_config, "get_total_num_hidden_layers", None)
+    if callable(get_total):
+        return int(get_total())
+    hf = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+    return int(hf.num_hidden_layers)

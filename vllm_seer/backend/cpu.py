@@ -24,8 +24,6 @@ from vllm_seer.backend.common import (
     build_step,
     finish_step,
     forward_dense,
-    last_sparse_layer,
-    layer_index,
     run_sparse_reference,
 )
 from vllm_seer.backend.kv_dequant import dequantize_pages
@@ -62,7 +60,7 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
         md = attn_metadata
         rt = get_runtime()
         if self._layer is None:
-            self._layer = layer_index(layer.layer_name)
+            self._layer = rt.layer_of(layer.layer_name)  # global index, this stage's
         if forward_dense(super().forward, md, self._layer in rt.config.dense_layers, layer, query,
                          key, value, kv_cache, output, output_scale, output_block_scale):
             return output
@@ -76,7 +74,7 @@ class SeerCPUImpl(CPUAttentionBackendImpl):
             plan = dataclasses.replace(plan, block_table=table)
         run_sparse_reference(rt, self._layer, query, k_cache, v_cache, plan, output,
                              self.scale, timer)
-        if self._layer == last_sparse_layer(rt.num_layers, rt.config.dense_layers):
+        if self._layer == rt.last_sparse_layer:
             finish_step(rt, md.plan, timer)
         return output
 

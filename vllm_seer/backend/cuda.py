@@ -30,8 +30,6 @@ from vllm_seer.backend.common import (
     build_step,
     finish_step,
     forward_dense,
-    last_sparse_layer,
-    layer_index,
 )
 from vllm_seer.backend.runtime import get_runtime
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
@@ -93,8 +91,11 @@ class SeerCUDAImpl(FlashAttentionImpl):
         from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
         rt = get_runtime()
+        layer = rt.last_sparse_layer  # a layer of this pipeline stage
+        if layer is None:  # every layer of this stage is dense: no Seer kernel will run here
+            return
         t0 = time.perf_counter()
-        dev, hq, hkv, d = rt.weights[0].device, self.num_heads, self.num_kv_heads, self.head_size
+        dev, hq, hkv, d = rt.inv_freq.device, self.num_heads, self.num_kv_heads, self.head_size
         n, page = WARMUP_TOKENS, self._page_size
         pages = -(-n // page)
         k_cache = torch.randn(pages, page, hkv, d, dtype=dtype, device=dev)
@@ -104,7 +105,6 @@ class SeerCUDAImpl(FlashAttentionImpl):
         cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
         lens = cu[1:].clone()
         bufs = SeerBuffers.allocate(plan_batch([0, n], [n], rt.block_size), hq, hkv, d, dev)
-        layer = last_sparse_layer(rt.num_layers, rt.config.dense_layers)
         seer_gate(q, k_cache, block_table, cu, lens, rt.weights[layer], rt.inv_freq,
                   rt.config.selection, bufs)
         sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
@@ -125,7 +125,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         md = attn_metadata
         rt = get_runtime()
         if self._layer is None:
-            self._layer = layer_index(layer.layer_name)
+            self._layer = rt.layer_of(layer.layer_name)  # global index, this stage's
         if forward_dense(super().forward, md, self._layer in rt.config.dense_layers, layer, query,
                          key, value, kv_cache, output, output_scale, output_block_scale, *args,
                          **kwargs):
@@ -150,7 +150,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         computed = bufs.block_count.sum(dim=(1, 2)).to(torch.int64)
         rt.stats.add_layer(self._layer, computed.sum(), sum(plan.possible))
         timer.add_layer(computed, t0, t1, t2)
-        if self._layer == last_sparse_layer(rt.num_layers, rt.config.dense_layers):
+        if self._layer == rt.last_sparse_layer:
             finish_step(rt, plan, timer)  # events resolved at flush time (WorkerStats)
         return output
 

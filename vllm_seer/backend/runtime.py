@@ -13,6 +13,7 @@ import torch
 
 from vllm_seer.backend import compat
 from vllm_seer.backend.common import SeerRuntime
+from vllm_seer.backend.stage import PipelineStage
 from vllm_seer.checkpoint import read_checkpoint_config
 from vllm_seer.config import SeerConfig
 from vllm_seer.validate import ServedModel, check_gates_fit, check_served_model
@@ -69,6 +70,8 @@ def get_runtime(vllm_config: Any = None, num_heads: int = 0, num_kv_heads: int =
         if vllm_config is None or device is None:
             raise RuntimeError("Seer backend: runtime used before any Seer attention layer was built")
         config = check_startup(vllm_config)
+        stage = PipelineStage.of(compat.total_num_layers(vllm_config.model_config),
+                                 *compat.pp_rank_and_size())
         _RUNTIME = SeerRuntime(vllm_config, config, num_heads, num_kv_heads, head_dim,
-                               compat.tp_rank(), device)
+                               compat.tp_rank(), device, stage)
     return _RUNTIME
