@@ -118,9 +118,9 @@ def _seer_lists(kind: str, dens: float, L: int, hq: int, dev: str, gate, bufs, r
     import real_selections as rs
 
     if kind == "structured":
-        mask = rs.structured_selection(hq, L, dens, seed=0)
+        mask = rs.structured_selection(hq, L, dens, seed=0, device=dev)
     else:
-        mask = rs.load_real_selection(real_path, n_heads=hq, seq_len=L, nz_ratio=dens)
+        mask = rs.load_real_selection(real_path, n_heads=hq, seq_len=L, nz_ratio=dens, device=dev)
     index, count = masks_to_block_lists([mask.to(dev)], bufs.block_index.shape[-1])
     return index, count
 
@@ -181,6 +181,7 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
     gate_ms: dict[float, float] = {}
     for kind, dens in cases:
         sel = Selection("nz_ratio", 0.0, dens, True)
+        bufs.set_topk([L], sel)  # once per step, as the CUDA builder does
         gate = lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)  # noqa: E731,B023
         if dens not in gate_ms:  # the gate's cost does not depend on the values it selects from
             gate()

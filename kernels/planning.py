@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
-from vllm_seer.gate import Selection
+from vllm_seer.gate import Selection, topk_count
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,19 @@ class SeerBuffers:
     block_count: torch.Tensor  # [B, Hq, MQB] int32
     scores: torch.Tensor  # [B * Hq * MQB * MKB] fp32 workspace of block_select
     split: SplitWork | None = None  # long-row slices of sparse_prefill (None: no row can be long)
+    topk: torch.Tensor | None = None  # [B] int32 per-request top-k k (set_topk), else per call
+
+    def set_topk(self, seq_lens: list[int], sel: Selection) -> None:
+        """Per-request ``k`` of ``nz_ratio`` top-k from host ``seq_lens``, once per step (an
+        asynchronous pinned copy: no per-layer launches, no host sync)."""
+        if sel.method != "nz_ratio":
+            self.topk = None
+            return
+        bs = self.plan.block_size
+        k = torch.tensor([topk_count(-(-L // bs), sel.nz_ratio) for L in seq_lens],
+                         dtype=torch.int32)
+        dev = self.block_count.device
+        self.topk = k.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else k.to(dev)
 
     @classmethod
     def allocate(cls, plan: SeerPlan, hq: int, hkv: int, head_dim: int,
@@ -108,7 +121,7 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     pool_k_paged(k_cache, block_table, seq_lens, inv_freq, bufs.k_pooled, bs)
     pool_q_varlen(q, cu_seqlens_q, seq_lens, inv_freq, bufs.q_pooled, bs)
     block_select(bufs.q_pooled, bufs.k_pooled, weight, inv_freq, cu_seqlens_q, seq_lens, sel,
-                 bufs.block_index, bufs.block_count, bs, bufs.scores)
+                 bufs.block_index, bufs.block_count, bs, bufs.scores, bufs.topk)
 
 
 def seer_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

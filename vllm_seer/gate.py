@@ -115,6 +115,12 @@ def _causal(qb0: int, nqb: int, nkb: int, device: torch.device) -> torch.Tensor:
     return torch.arange(nkb, device=device)[None, :] <= qb[:, None]
 
 
+def topk_count(nkb: int, nz_ratio: float) -> int:
+    """Key blocks kept per query block by ``nz_ratio`` top-k over ``nkb`` key blocks (upstream:
+    ``1 - sqrt(1 - r)`` of them, at least one)."""
+    return max(1, int((1.0 - math.sqrt(1.0 - nz_ratio)) * nkb))
+
+
 def select(probs: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
     """Active-block mask from gate probabilities.
 
@@ -129,7 +135,7 @@ def select(probs: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
     if sel.method == "threshold":
         mask = probs > sel.threshold
     else:
-        k = max(1, int((1.0 - math.sqrt(1.0 - sel.nz_ratio)) * nkb))
+        k = topk_count(nkb, sel.nz_ratio)
         top = probs.topk(min(k, nkb), dim=-1).indices
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
     qb = qb0 + torch.arange(nqb, device=dev)

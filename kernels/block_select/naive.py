@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_seer.gate import Selection, gate_probs, select
+from vllm_seer.gate import Selection, gate_probs, select, topk_count
 
 
 def block_select_ref(
@@ -24,6 +24,7 @@ def block_select_ref(
     block_count: torch.Tensor,
     block_size: int = 64,
     workspace: torch.Tensor | None = None,
+    topk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the active key blocks of every (request, query head, local query block).
 
@@ -39,12 +40,18 @@ def block_select_ref(
         block_count: ``[B, Hq, MQB]`` int32 out (0 for rows past a request's query blocks).
         block_size: gate block size.
         workspace: unused here (the Triton version's score buffer).
+        topk: optional ``[B]`` int32 per-request ``k`` of ``nz_ratio`` top-k, precomputed on the
+            host (:func:`vllm_seer.gate.topk_count`); checked against the value computed here.
     Returns:
         ``(block_index, block_count)``.
     """
     block_index.fill_(-1)
     block_count.zero_()
     cu = cu_seqlens_q.tolist()
+    if topk is not None and sel.method == "nz_ratio":
+        want = [topk_count(-(-L // block_size), sel.nz_ratio) for L in seq_lens.tolist()]
+        if topk.tolist() != want:
+            raise ValueError(f"topk {topk.tolist()} differs from topk_count of seq_lens: {want}")
     for b, L in enumerate(seq_lens.tolist()):
         n = cu[b + 1] - cu[b]
         if n == 0:

@@ -168,6 +168,7 @@ def block_select(
     block_count: torch.Tensor,
     block_size: int = 64,
     workspace: torch.Tensor | None = None,
+    topk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the active key blocks of every (request, query head, local query block).
 
@@ -184,6 +185,9 @@ def block_select(
         block_size: gate block size.
         workspace: optional fp32 buffer of at least ``B * Hq * MQB * MKB`` scores (allocated
             here when ``None``; pass a persistent one to keep allocation off the hot path).
+        topk: optional ``[B]`` int32 per-request ``k`` of ``nz_ratio`` top-k, precomputed on the
+            host once per step (:func:`vllm_seer.gate.topk_count`); computed here with a few small
+            device ops when ``None``.
     Returns:
         ``(block_index, block_count)``.
     """
@@ -217,15 +221,17 @@ def block_select(
         PRECISION="ieee" if INTERPRET else "tf32x3", LIBDEVICE=not INTERPRET, num_warps=4,
     )
     # 3. per-row selection
-    topk = sel.method == "nz_ratio"
-    frac = 1.0 - math.sqrt(1.0 - sel.nz_ratio) if topk else 0.0
-    nkb = (seq_lens.long() + block_size - 1) // block_size
-    k_per_req = torch.clamp((frac * nkb.to(torch.float64)).floor(), min=1).to(torch.int32)
+    use_topk = sel.method == "nz_ratio"
+    k_per_req = topk
+    if k_per_req is None:
+        frac = 1.0 - math.sqrt(1.0 - sel.nz_ratio) if use_topk else 0.0
+        nkb = (seq_lens.long() + block_size - 1) // block_size
+        k_per_req = torch.clamp((frac * nkb.to(torch.float64)).floor(), min=1).to(torch.int32)
     block_kk = triton.next_power_of_2(mkb)
     _select_kernel[(mqb, bsz, hq)](
         workspace, k_per_req, block_index, block_count, cu_seqlens_q, seq_lens,
         float(sel.threshold), mqb, mkb,
-        HQ=hq, BLOCK=block_size, BLOCK_K=block_kk, TOPK=topk, LAST_DENSE=sel.last_block_dense,
+        HQ=hq, BLOCK=block_size, BLOCK_K=block_kk, TOPK=use_topk, LAST_DENSE=sel.last_block_dense,
         num_warps=max(1, block_kk // 2048),  # <= 64 scores per thread
     )
     return block_index, block_count

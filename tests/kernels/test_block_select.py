@@ -131,3 +131,29 @@ def test_block_select_topk_ties_take_lowest_blocks(neg: bool) -> None:
                 want[qb] = True
             assert (got[b, :, j] == want).all(), (b, j)
 
+
+
+def test_block_select_precomputed_topk() -> None:
+    """A per-request ``k`` precomputed on the host (``SeerBuffers.set_topk``) selects exactly what
+    the per-call device computation does; the reference refuses a ``k`` that is not
+    ``topk_count`` of the request's length."""
+    from vllm_seer.kernels.block_select import block_select
+    from vllm_seer.kernels.planning import SeerBuffers, plan_batch
+
+    lens, n_new, hq, hkv, d, sel = CPU_CASES["topk-ragged-gqa4"]
+    q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
+    bufs = SeerBuffers.allocate(plan_batch(cu.tolist(), lens), hq, hkv, d, DEVICE)
+    bufs.set_topk(lens, sel)
+    assert bufs.topk is not None
+    res = []
+    for topk in (None, bufs.topk):
+        index = torch.full((len(lens), hq, mqb, mkb), -7, dtype=torch.int32, device=DEVICE)
+        count = torch.full((len(lens), hq, mqb), -7, dtype=torch.int32, device=DEVICE)
+        block_select(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count, topk=topk)
+        res.append((index, count))
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    index = torch.empty_like(res[0][0])
+    count = torch.empty_like(res[0][1])
+    with pytest.raises(ValueError, match="topk_count"):
+        block_select_ref(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count,
+                         topk=bufs.topk + 1)

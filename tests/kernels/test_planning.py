@@ -68,6 +68,7 @@ def test_layer_path_never_syncs() -> None:
     bufs = SeerBuffers.allocate(plan_batch(batch.cu_seqlens_q.cpu(), batch.seq_lens.cpu()),
                                 hq, hkv, d, DEVICE)
     assert bufs.split is not None
+    bufs.set_topk(lens, sel)  # per step, as the CUDA builder does
     out = torch.full_like(batch.q, float("nan"))
     args = (batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu_seqlens_q,
             batch.seq_lens, weight, inv, sel, bufs, out, 0.125)

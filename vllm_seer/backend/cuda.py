@@ -66,6 +66,7 @@ class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
             lens = [c + n for c, n in zip(plan.context_lens, plan.query_lens, strict=True)]
             md.bufs = SeerBuffers.allocate(plan_batch(cu, lens, rt.block_size), rt.num_heads,
                                            rt.num_kv_heads, rt.head_dim, self.device)
+            md.bufs.set_topk(lens, rt.config.selection)
         return md
 
 
