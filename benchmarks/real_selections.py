@@ -123,8 +123,8 @@ def dense_last_rows(mask: torch.Tensor, rows: int = 2) -> torch.Tensor:
 
 def load_real_selection(path: str | Path = DATA, n_heads: int = 32, seq_len: int = 8192,
                         nz_ratio: float | None = 0.1, *, threshold: float | None = None,
-                        source: str = "code", n_kv_heads: int = 8,
-                        last_block_dense: bool = True) -> torch.Tensor:
+                        source: str = "code", n_kv_heads: int = 8, last_block_dense: bool = True,
+                        device: str | torch.device = "cpu") -> torch.Tensor:
     """A real SmolLM2 gate selection for ``n_heads`` query heads at ``seq_len`` tokens.
 
     Args:
@@ -133,19 +133,23 @@ def load_real_selection(path: str | Path = DATA, n_heads: int = 32, seq_len: int
         seq_len: a multiple of the stored 8192 tokens (8k, 32k, 128k, ...).
         nz_ratio / threshold: which stored gate setting (exactly one); ``source``: ``code`` or ``prose``.
         last_block_dense: force the last two query-block rows dense at the target length (upstream).
+        device: where the mask is built and returned (a GPU builds the 128k one much faster).
     Returns:
-        ``[n_heads, seq_len // 64, seq_len // 64]`` bool, causal, diagonal on.
+        ``[n_heads, seq_len // 64, seq_len // 64]`` bool on ``device``, causal, diagonal on.
 
-    Longer lengths (factor ``f = seq_len / 8192``): nearest-neighbour upscaling in block space,
-    target block ``(i, j)`` = stored block ``(i // f, j // f)``, then causal. A sink stays a sink,
-    a local window a local window of ``f`` times the width, a stripe a stripe; each row keeps its
-    density (a stored row of ``k`` of ``i + 1`` blocks becomes rows of ``f(k - 1) + r + 1`` of
-    ``f i + r + 1``), so the per-row load distribution and the gate's top-k budget (``k`` grows with
-    ``L``) carry over. Tiling along the diagonal was not chosen: it would cut every row's reach to its
-    own 8k tile (or need invented off-diagonal content) and repeat the sink in every tile. The price:
-    the ``f`` rows made from one stored row share their off-diagonal lists, so the adjacent-row
-    overlap at 32k / 128k is higher than the native 8k figure by construction (an upper bound for
-    what pair tiles gain); compare with the 8k figure in ``benchmarks/results/selection-overlap.md``.
+    Longer lengths (factor ``f = seq_len / 8192``), :func:`upscale_selection`: nearest-neighbour
+    upscaling in block space, target block ``(i, j)`` = stored block ``(i // f, j // f)`` (causal),
+    then re-thresholded to the stored row's density. A sink stays a sink, a stripe a stripe and a
+    local window a local window ``f`` times as wide; every target row ``i`` made from stored row
+    ``s = i // f`` of ``c`` of ``s + 1`` blocks holds ``min(i + 1, round(c (i + 1) / (s + 1)))`` blocks,
+    the shortfall of the diagonal square (only its causal half survives) made up by the nearest
+    inactive blocks left of the diagonal (a wider local window). So the per-row density and the
+    growth of the row lists with ``L`` (a top-k gate keeps ``k`` proportional to ``L``) carry over.
+    Tiling along the diagonal was not chosen: it would cut every row's reach to its own 8k tile (or
+    need invented off-diagonal content) and repeat the sink in every tile. The price: the ``f`` rows
+    made from one stored row share their off-diagonal lists, so the adjacent-row overlap at 32k / 128k
+    is higher than the native 8k figure by construction (an upper bound for what pair tiles gain);
+    compare with the 8k rows of ``benchmarks/results/selection-overlap.md``.
     """
     stored, meta = read_selection(path, selection_key(source, nz_ratio, threshold))
     base = int(meta["nqb"]) * int(meta["block_size"])
@@ -154,12 +158,28 @@ def load_real_selection(path: str | Path = DATA, n_heads: int = 32, seq_len: int
     f = seq_len // base
     srcs = real_selection_sources(n_heads, n_kv_heads, stored.shape[0], stored.shape[1],
                                   int(meta["num_kv_heads"]))
-    m = torch.stack([stored[layer, head] for layer, head in srcs])
-    if f > 1:
-        m = m.repeat_interleave(f, 1).repeat_interleave(f, 2)
-    nb = m.shape[-1]
-    m = m & causal_blocks(nb, nb)
+    m = upscale_selection(torch.stack([stored[layer, head] for layer, head in srcs]).to(device), f)
     return dense_last_rows(m) if last_block_dense else m
+
+
+def upscale_selection(mask: torch.Tensor, f: int) -> torch.Tensor:
+    """``[H, nb, nb]`` causal mask → ``[H, f nb, f nb]``, as :func:`load_real_selection` describes."""
+    if f == 1:
+        return mask.clone()
+    h, nb, _ = mask.shape
+    nt = nb * f
+    causal = causal_blocks(nt, nt, mask.device)
+    up = mask.repeat_interleave(f, 1).repeat_interleave(f, 2) & causal
+    i = torch.arange(nt, device=mask.device)
+    src = i // f
+    count = mask.sum(-1, dtype=torch.float64)[:, src]  # [H, nt]
+    want = torch.minimum(torch.round(count * (i + 1) / (src + 1)).long(), i + 1)
+    short = (want - up.sum(-1)).clamp(min=0)  # [H, nt]
+    for k in range(h):
+        free = causal & ~up[k]
+        rank = free.flip(-1).int().cumsum(-1, dtype=torch.int32).flip(-1)  # free blocks in [j, i]
+        up[k] |= free & (rank <= short[k, :, None])
+    return up
 
 
 def topk_blocks(nkb: int, nz_ratio: float) -> int:
