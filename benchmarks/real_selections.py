@@ -16,7 +16,7 @@ the prepared SmolLM2 model (:mod:`selection_extract`). Masks are ``[H, nqb, nkb]
 
 Usage (CPU venv)::
 
-    python benchmarks/real_selections.py extract   # runs SmolLM2, writes the data file (~3 min)
+    python benchmarks/real_selections.py extract   # runs SmolLM2, writes the data file (3-6 min)
     python benchmarks/real_selections.py overlap   # writes benchmarks/results/selection-overlap.md
 """
 

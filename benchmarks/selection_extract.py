@@ -38,6 +38,7 @@ from real_selections import (
     load_real_selection,
     pack_lower,
     read_selection,
+    read_sidecar,
     real_selection_sources,
     selection_key,
     structured_selection,
@@ -196,7 +197,7 @@ def _row(kind: str, L: int, setting: str, heads: str, st: Overlap) -> str:
 
 
 def overlap_table(path: Path, lengths: tuple[int, ...], out: Path) -> None:
-    side = json.loads(path.with_suffix(".json").read_text())
+    side = read_sidecar(path)
     lines = []
 
     def add(kind: str, L: int, setting: str, heads: str, mask: torch.Tensor, group: int) -> None:
@@ -236,9 +237,10 @@ All masks causal, diagonal on, last two query-block rows dense (counted in every
 * **real**: SmolLM2-135M-Instruct (fp32, dense forward) + the committed distilled gates on
   {texts}. "SmolLM2, all" = the 270 (layer, head) masks at 8k with GQA groups of 3;
   "Llama map" = 32 of them, KV group g from layer {sorted({layer for layer, _ in srcs})}[g]
-  (`real_selection_sources`), nearest-neighbour upscaled in block space to 32k / 128k.
-  Upscaling makes the `f` rows built from one stored row share their off-diagonal blocks, so the
-  32k / 128k Jaccard is inflated by construction: the 8k rows are the native-granularity figure.
+  (`real_selection_sources`), nearest-neighbour upscaled in block space to 32k / 128k and
+  re-thresholded to each stored row's density (`load_real_selection`). Upscaling makes the `f` rows
+  built from one stored row share their off-diagonal blocks, so the 32k / 128k Jaccard is inflated
+  by construction: the 8k rows are the native-granularity figure.
 * **structured**: `structured_selection`: sink + local window + vertical stripes, the gate's
   top-k budget per row.
 
