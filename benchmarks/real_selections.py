@@ -255,8 +255,11 @@ class Overlap:
     pair_work_ratio: float
 
 
-def adjacent_overlap(mask: torch.Tensor, group_size: int = 4) -> Overlap:
+def adjacent_overlap(mask: torch.Tensor, group_size: int = 4, skip_last: int = 0) -> Overlap:
     """Overlap statistics of a block mask ``[H, nqb, nkb]`` (query blocks = the last ``nqb``).
+
+    ``skip_last`` leaves the last query-block rows out of the pair statistics (``2``: the dense
+    ``last_block_dense`` rows, which the kernels treat apart); density and group union use all rows.
 
     * ``adjacent_jaccard``: mean over heads and adjacent query-block pairs ``(j, j + 1)`` of
       ``|A ∩ B| / |A ∪ B|`` of their key-block sets (1 for two empty rows); every pair counts,
@@ -270,7 +273,8 @@ def adjacent_overlap(mask: torch.Tensor, group_size: int = 4) -> Overlap:
     h, nqb, nkb = mask.shape
     if h % group_size:
         raise ValueError(f"{h} heads are not a multiple of group_size={group_size}")
-    a, b = mask[:, :-1], mask[:, 1:]
+    rows = mask[:, : nqb - skip_last]
+    a, b = rows[:, :-1], rows[:, 1:]
     inter = (a & b).sum(-1, dtype=torch.float64)
     union = (a | b).sum(-1, dtype=torch.float64)
     jac = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))

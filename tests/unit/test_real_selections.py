@@ -152,6 +152,10 @@ def test_adjacent_overlap_hand_computed() -> None:
     assert st.group_union_ratio == pytest.approx(6 * 2 / 10)  # union rows {0}, {0,1}, {0,1,2}
     assert st.pair_work_ratio == pytest.approx(2 * (2 + 3 + 2 + 3) / (3 + 5 + 2 + 3))
     assert adjacent_overlap(m, group_size=1).group_union_ratio == 1.0
+    tail = adjacent_overlap(m, group_size=2, skip_last=1)  # only the pair (0, 1) of each head
+    assert tail.adjacent_jaccard == pytest.approx((1 / 2 + 0) / 2)
+    assert tail.pair_work_ratio == pytest.approx(2 * (2 + 2) / (3 + 2))
+    assert tail.density == st.density
 
 
 def test_adjacent_overlap_extremes() -> None:
