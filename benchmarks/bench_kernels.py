@@ -25,6 +25,7 @@ import json
 import math
 import platform
 import time
+from pathlib import Path
 
 import torch
 import triton
@@ -340,11 +341,17 @@ def _fmt(rows: list[dict], meta: str, pages: tuple[int, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def goals(rows: list[dict], kind: str = "random") -> dict[str, float]:
-    """The issue's goal figures (Llama shapes, gate included unless said otherwise)."""
+def goals(rows: list[dict], kind: str = "random", page: int | None = None) -> dict[str, float]:
+    """The issue's goal figures (Llama shapes, gate included unless said otherwise); ``page``:
+    with the attention timed on that page size's cache (default: the headline one)."""
     def row(L: int, target: float) -> dict | None:
-        return next((r for r in rows if r["model"] == "llama3.1-8b" and r["kind"] == kind
-                     and r["L"] == L and r["target"] == target), None)
+        r = next((r for r in rows if r["model"] == "llama3.1-8b" and r["kind"] == kind
+                  and r["L"] == L and r["target"] == target), None)
+        if r is None or page is None:
+            return r
+        attn = r[f"attn_p{page}"]
+        full = r["full"] - r["attn"] + attn if kind == "random" else r["gate"] + attn
+        return {**r, "attn": attn, "full": full}
 
     out: dict[str, float] = {}
     for name, L in (("8k", 8192), ("32k", 32768), ("128k", 131072)):
@@ -367,6 +374,16 @@ def goals(rows: list[dict], kind: str = "random") -> dict[str, float]:
     return out
 
 
+def summarize(summary: dict, kinds: list[str]) -> dict:
+    """Fill the goal figures of a summary from its rows (headline page, and every other page)."""
+    rows, pages = summary["rows"], tuple(summary["pages"])
+    summary["goals"] = goals(rows)
+    summary["goals_by_selection"] = {k: goals(rows, k) for k in kinds}
+    for page in pages[1:]:
+        summary[f"goals_page{page}"] = {k: goals(rows, k, page) for k in kinds}
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/kernels-h200.md")
@@ -375,13 +392,25 @@ def main() -> None:
     ap.add_argument("--models", default="llama3.1-8b")
     ap.add_argument("--kinds", default="random,structured,real")
     ap.add_argument("--pages", default="16,64", help="page sizes timed (first: the headline)")
-    ap.add_argument("--real", default="benchmarks/data/smollm2-selections-8k.safetensors")
+    ap.add_argument("--real", default=str(Path(__file__).resolve().parent / "data"
+                                          / "smollm2-selections-8k.safetensors"),
+                    help="real gate selections (benchmarks/real_selections.py)")
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms) below 128k")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--profile-gate", action="store_true", help="only profile the gate")
     ap.add_argument("--chunk", type=int, default=0,
                     help="only time one chunked-prefill step of this many rows at each --seqs")
+    ap.add_argument("--resummarize", default="",
+                    help="only recompute the goal figures of an existing JSON summary from its rows")
     args = ap.parse_args()
+    if args.resummarize:
+        with open(args.resummarize) as f:
+            summary = json.load(f)
+        kinds = sorted({r["kind"] for r in summary["rows"]})
+        with open(args.resummarize, "w") as f:
+            json.dump(summarize(summary, kinds), f, indent=1)
+        print(json.dumps({k: v for k, v in summary.items() if k.startswith("goals")}, indent=1))
+        return
     if args.chunk:
         vk = _vllm_kernels()
         for model in args.models.split(","):
@@ -435,8 +464,8 @@ def main() -> None:
     with open(args.out, "w") as f:
         f.write(text)
     summary = {"device": torch.cuda.get_device_name(), "date": str(datetime.date.today()),
-               "versions": versions, "pages": pages, "goals": goals(rows),
-               "goals_by_selection": {k: goals(rows, k) for k in kinds}, "rows": rows}
+               "versions": versions, "pages": pages, "rows": rows}
+    summarize(summary, kinds)
     with open(args.json or args.out.rsplit(".", 1)[0] + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     print(text)

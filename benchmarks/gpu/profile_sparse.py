@@ -1,6 +1,7 @@
 """One profiled launch of the block-sparse prefill kernel (Llama-3.1-8B shapes, 32k, density ~0.1).
 
-Run under Nsight Compute with ``--profile-from-start off``: autotuning happens before
+Run under Nsight Compute with ``--profile-from-start off`` (and ``-k regex:_sparse_prefill_kernel``:
+at 32k long rows are split, so the plan and combine kernels launch too): autotuning happens before
 ``cudaProfilerStart`` so exactly the tuned kernel is profiled.
 """
 
@@ -40,4 +41,10 @@ def main(T: int = 32768, hq: int = 32, hkv: int = 8, d: int = 128, page: int = 1
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32768)
+    a = ap.parse_args()
+    main(T=a.tokens, page=a.page)
