@@ -9,7 +9,7 @@ import torch
 from _paged import DEVICE
 from vllm_seer.kernels.block_select import block_select_ref
 
-from vllm_seer.gate import Selection, gate_probs
+from vllm_seer.gate import Selection, gate_probs, gate_scores
 from vllm_seer.rope import RopeSpec
 
 # (seq_lens, n_new, Hq, Hkv, D, selection)
@@ -143,7 +143,6 @@ def test_block_select_topk_large_scores_keep_k_causal_blocks(scale: float) -> No
     masked logits (upstream, the Triton kernel and the reference) still keeps ``min(k, qb + 1)``
     causal blocks per row, and kernel and reference select the same blocks (same counts, same
     selected scores)."""
-    from vllm_seer.gate import gate_scores
     from vllm_seer.kernels.block_select import block_select
 
     lens, n_new, hq, hkv, d = [1500, 700], [1500, 300], 2, 1, 64

@@ -8,8 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_seer.gate import (Selection, gate_mask, gate_probs, gate_scores, pool_k, pool_q, select,
-                            select_scores)
+from vllm_seer.gate import (
+    Selection,
+    gate_mask,
+    gate_probs,
+    gate_scores,
+    pool_k,
+    pool_q,
+    select,
+    select_scores,
+)
 from vllm_seer.rope import RopeSpec, rotate
 
 
