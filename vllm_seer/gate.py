@@ -7,9 +7,10 @@ Used directly by the CPU backend and as the reference for the Triton kernels. Sh
   the ``n`` new tokens (absolute block ids ``qb0 .. qb0 + nqb - 1`` with ``qb0 = (L - n) // B``).
 * ``Hq`` query heads, ``Hkv`` KV heads, ``D`` head dim, ``G`` gate hidden size (``G == D``).
 
-Semantics follow ``notes/seerattention.md``; deviations (documented in the README): the diagonal
-block is always active, ``last_block_dense`` applies to the last two query-block rows of each prefill
-step, and the gate runs in fp32.
+Semantics follow upstream's ``AttnGate`` (``docs/upstream-semantics.md``): top-k ranks the causally
+masked logits, threshold compares their softmax. Deviations (documented there and in the README):
+the diagonal block is always active, ``last_block_dense`` applies to the last two query-block rows
+of each prefill step, top-k ties go to the lowest block index, and the gate runs in fp32.
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ def pool_q(q_pre: torch.Tensor, start: int, block_size: int) -> tuple[torch.Tens
     return qf.view(nqb, block_size, h, d).sum(dim=1) / counts, qb0
 
 
-def gate_probs(q_pooled: torch.Tensor, qb0: int, k_pooled: torch.Tensor, weight: torch.Tensor,
-               inv_freq: torch.Tensor, block_size: int, rope_scale: float = 1.0) -> torch.Tensor:
-    """Gate probabilities over causal key blocks.
+def gate_scores(q_pooled: torch.Tensor, qb0: int, k_pooled: torch.Tensor, weight: torch.Tensor,
+                inv_freq: torch.Tensor, block_size: int, rope_scale: float = 1.0) -> torch.Tensor:
+    """Causally masked gate logits (upstream ``AttnGate`` without its softmax).
 
     Args:
         q_pooled: ``[nqb, Hq, D]`` from :func:`pool_q`.
@@ -92,7 +93,8 @@ def gate_probs(q_pooled: torch.Tensor, qb0: int, k_pooled: torch.Tensor, weight:
         rope_scale: the model's RoPE ``attention_scale`` (YaRN / LongRoPE mscale): the gate's RoPE at
             block starts is the model's own, cos/sin scaled by it as upstream does.
     Returns:
-        ``[Hq, nqb, nkb]`` fp32; softmax over key blocks ``<= `` the query block (others are 0).
+        ``[Hq, nqb, nkb]`` fp32 ``q_gate . k_gate / sqrt(G)`` for key blocks ``<=`` the query
+        block, ``-inf`` elsewhere (upstream fills ``-1e9``; same order, same softmax).
     """
     nqb, hq, _ = q_pooled.shape
     nkb, hkv, _ = k_pooled.shape
@@ -104,8 +106,17 @@ def gate_probs(q_pooled: torch.Tensor, qb0: int, k_pooled: torch.Tensor, weight:
     q_gate = rotate(q_pooled, (qb0 + torch.arange(nqb, device=dev)) * block_size, inv_freq,
                     scale=rope_scale)
     scores = torch.einsum("qhg,khg->hqk", q_gate, k_gate) / math.sqrt(g)
-    causal = _causal(qb0, nqb, nkb, dev)
-    scores = scores.masked_fill(~causal, float("-inf"))
+    return scores.masked_fill(~_causal(qb0, nqb, nkb, dev), float("-inf"))
+
+
+def gate_probs(q_pooled: torch.Tensor, qb0: int, k_pooled: torch.Tensor, weight: torch.Tensor,
+               inv_freq: torch.Tensor, block_size: int, rope_scale: float = 1.0) -> torch.Tensor:
+    """Gate probabilities: softmax over key blocks of :func:`gate_scores` (same arguments).
+
+    Returns:
+        ``[Hq, nqb, nkb]`` fp32; non-causal entries are 0.
+    """
+    scores = gate_scores(q_pooled, qb0, k_pooled, weight, inv_freq, block_size, rope_scale)
     return torch.softmax(scores, dim=-1)
 
 
@@ -121,30 +132,63 @@ def topk_count(nkb: int, nz_ratio: float) -> int:
     return max(1, int((1.0 - math.sqrt(1.0 - nz_ratio)) * nkb))
 
 
-def select(probs: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
-    """Active-block mask from gate probabilities.
+def select_scores(scores: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
+    """Active-block mask from gate logits, as upstream selects.
+
+    ``threshold`` compares the softmax of the logits; ``nz_ratio`` ranks the causally masked
+    logits themselves, so a row whose probabilities underflow to 0 still keeps its ``k`` largest
+    causal blocks. Ties go to the lowest block index (as the Triton select kernel).
 
     Args:
-        probs: ``[Hq, nqb, nkb]`` from :func:`gate_probs`.
+        scores: ``[Hq, nqb, nkb]`` from :func:`gate_scores` (non-causal entries are ignored).
     Returns:
         ``[Hq, nqb, nkb]`` bool, causal, diagonal always active.
     """
-    _, nqb, nkb = probs.shape
-    dev = probs.device
-    causal = _causal(qb0, nqb, nkb, dev)
     if sel.method == "threshold":
-        mask = probs > sel.threshold
-    else:
-        k = topk_count(nkb, sel.nz_ratio)
-        top = probs.topk(min(k, nkb), dim=-1).indices
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
+        causal = _causal(qb0, scores.shape[1], scores.shape[2], scores.device)
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        return _finish(probs > sel.threshold, qb0, sel)
+    return _finish(_topk(scores, qb0, sel.nz_ratio), qb0, sel)
+
+
+def select(probs: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
+    """Active-block mask from block probabilities (the oracle's ground truth).
+
+    ``threshold`` and ``nz_ratio`` both act on ``probs``; top-k ranks the causal entries only,
+    ties to the lowest block index. For the gate's own output use :func:`select_scores`.
+
+    Args:
+        probs: ``[Hq, nqb, nkb]`` block probabilities (e.g. the distillation target).
+    Returns:
+        ``[Hq, nqb, nkb]`` bool, causal, diagonal always active.
+    """
+    if sel.method == "threshold":
+        return _finish(probs > sel.threshold, qb0, sel)
+    return _finish(_topk(probs, qb0, sel.nz_ratio), qb0, sel)
+
+
+def _topk(values: torch.Tensor, qb0: int, nz_ratio: float) -> torch.Tensor:
+    """``[Hq, nqb, nkb]`` bool: the ``topk_count`` largest causal values per row (non-causal
+    entries count as ``-inf``), ties to the lowest block index (stable descending sort)."""
+    _, nqb, nkb = values.shape
+    causal = _causal(qb0, nqb, nkb, values.device)
+    ranked = values.to(torch.float32).masked_fill(~causal, float("-inf"))
+    k = min(topk_count(nkb, nz_ratio), nkb)
+    top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def _finish(mask: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
+    """Force the diagonal and (``last_block_dense``) the last two rows; keep it causal."""
+    _, nqb, nkb = mask.shape
+    dev = mask.device
     qb = qb0 + torch.arange(nqb, device=dev)
     diag = torch.arange(nkb, device=dev)[None, :] == qb[:, None]
     mask = mask | diag
     if sel.last_block_dense:
         last_rows = qb >= (qb0 + nqb - 2)
         mask = mask | last_rows[:, None]
-    return mask & causal
+    return mask & _causal(qb0, nqb, nkb, dev)
 
 
 def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tensor,
@@ -172,6 +216,6 @@ def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tens
     k_pre = rotate(k_post_ctx, torch.arange(L, device=dev), inv_freq, inverse=True,
                    scale=rope_scale)
     q_pooled, qb0 = pool_q(q_pre, start, block_size)
-    probs = gate_probs(q_pooled, qb0, pool_k(k_pre, block_size), weight, inv_freq, block_size,
-                       rope_scale)
-    return select(probs, qb0, sel), qb0
+    scores = gate_scores(q_pooled, qb0, pool_k(k_pre, block_size), weight, inv_freq, block_size,
+                         rope_scale)
+    return select_scores(scores, qb0, sel), qb0

@@ -1,15 +1,17 @@
 """Plain-PyTorch gate scores and block selection for a varlen batch (reference).
 
 Same signature as :func:`vllm_seer.kernels.block_select.triton.block_select`; per request it runs
-:func:`vllm_seer.gate.gate_probs` and :func:`vllm_seer.gate.select` on the pooled inputs and packs
-the masks into the ``(block_index, block_count)`` lists that ``sparse_prefill`` consumes.
+:func:`vllm_seer.gate.gate_scores` and :func:`vllm_seer.gate.select_scores` on the pooled inputs
+(top-k ranks the causally masked logits, ties to the lowest block index, as upstream and the
+Triton kernel) and packs the masks into the ``(block_index, block_count)`` lists that
+``sparse_prefill`` consumes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_seer.gate import Selection, gate_probs, select, topk_count
+from vllm_seer.gate import Selection, gate_scores, select_scores, topk_count
 
 
 def block_select_ref(
@@ -59,9 +61,9 @@ def block_select_ref(
         qb0 = (L - n) // block_size
         nqb = (L - 1) // block_size - qb0 + 1
         nkb = -(-L // block_size)
-        probs = gate_probs(q_pooled[b, :nqb], qb0, k_pooled[b, :nkb], weight, inv_freq,
-                           block_size)
-        mask = select(probs, qb0, sel)  # [Hq, nqb, nkb]
+        scores = gate_scores(q_pooled[b, :nqb], qb0, k_pooled[b, :nkb], weight, inv_freq,
+                             block_size)
+        mask = select_scores(scores, qb0, sel)  # [Hq, nqb, nkb]
         ids = torch.arange(nkb, device=mask.device).expand_as(mask)
         order = torch.where(mask, ids, ids + nkb).sort(dim=-1).values
         block_index[b, :, :nqb, :nkb] = torch.where(order < nkb, order, -1).to(torch.int32)

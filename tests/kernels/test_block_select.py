@@ -9,7 +9,7 @@ import torch
 from _paged import DEVICE
 from vllm_seer.kernels.block_select import block_select_ref
 
-from vllm_seer.gate import Selection, gate_probs
+from vllm_seer.gate import Selection, gate_probs, gate_scores
 from vllm_seer.rope import RopeSpec
 
 # (seq_lens, n_new, Hq, Hkv, D, selection)
@@ -99,11 +99,15 @@ def test_block_select_gpu(case: tuple) -> None:
     _run(case)
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("neg", [False, True], ids=["zero-scores", "negative-scores"])
-def test_block_select_topk_ties_take_lowest_blocks(neg: bool) -> None:
+def test_block_select_topk_ties_take_lowest_blocks(neg: bool, impl: str) -> None:
     """Every causal score tied (zero gate weight, or one negative constant): the single-warp radix
-    select keeps exactly the ``k`` lowest causal block indices, plus the forced diagonal."""
-    from vllm_seer.kernels.block_select import block_select
+    select, and the reference, keep exactly the ``k`` lowest causal block indices, plus the
+    forced diagonal."""
+    from vllm_seer.kernels.block_select import block_select as triton_select
+
+    block_select = triton_select if impl == "triton" else block_select_ref
 
     lens, n_new, hq, hkv, d = [900, 400], [500, 400], 2, 1, 64
     q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
@@ -131,6 +135,44 @@ def test_block_select_topk_ties_take_lowest_blocks(neg: bool) -> None:
                 want[qb] = True
             assert (got[b, :, j] == want).all(), (b, j)
 
+
+
+@pytest.mark.parametrize("scale", [60.0, 400.0])
+def test_block_select_topk_large_scores_keep_k_causal_blocks(scale: float) -> None:
+    """Large-magnitude pooled queries: the softmax of most rows underflows to one-hot. Ranking the
+    masked logits (upstream, the Triton kernel and the reference) still keeps ``min(k, qb + 1)``
+    causal blocks per row, and kernel and reference select the same blocks (same counts, same
+    selected scores)."""
+    from vllm_seer.kernels.block_select import block_select
+
+    lens, n_new, hq, hkv, d = [1500, 700], [1500, 300], 2, 1, 64
+    q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
+    q_pooled *= scale
+    sel = Selection("nz_ratio", 0.0, 0.3, False)
+    outs = []
+    for fn in (block_select_ref, block_select):
+        index = torch.full((len(lens), hq, mqb, mkb), -7, dtype=torch.int32, device=DEVICE)
+        count = torch.full((len(lens), hq, mqb), -7, dtype=torch.int32, device=DEVICE)
+        fn(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count)
+        outs.append((_as_masks(index, count, mkb), count))
+    (m_ref, c_ref), (m_got, c_got) = outs
+    torch.testing.assert_close(c_got, c_ref)
+    underflow = 0
+    for b, (L, n) in enumerate(zip(lens, n_new, strict=True)):
+        qb0, nkb = (L - n) // 64, -(-L // 64)
+        nqb = (L - 1) // 64 - qb0 + 1
+        k = max(1, int((1.0 - math.sqrt(1.0 - 0.3)) * nkb))
+        s = gate_scores(q_pooled[b, :nqb], qb0, k_pooled[b, :nkb], weight, inv, 64)
+        probs = torch.softmax(s, -1)
+        underflow += int(((probs > 0).sum(-1) < k).sum())
+        want = torch.clamp(qb0 + torch.arange(nqb, device=DEVICE) + 1, max=k)
+        assert (c_ref[b, :, :nqb] >= want).all() and (c_ref[b, :, :nqb] <= want + 1).all()
+        for m in (m_ref, m_got):
+            assert not (m[b, :, :nqb, :nkb] & torch.isinf(s)).any(), "non-causal block selected"
+        s_ref = torch.where(m_ref[b, :, :nqb, :nkb], s, 0).sort(-1).values
+        s_got = torch.where(m_got[b, :, :nqb, :nkb], s, 0).sort(-1).values
+        torch.testing.assert_close(s_got, s_ref, rtol=1e-4, atol=1e-3)
+    assert underflow > 0, "the inputs must make probabilities underflow for the test to mean anything"
 
 
 def test_block_select_precomputed_topk() -> None:

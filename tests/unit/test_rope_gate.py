@@ -8,7 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_seer.gate import Selection, gate_mask, gate_probs, pool_k, pool_q, select
+from vllm_seer.gate import (
+    Selection,
+    gate_mask,
+    gate_probs,
+    gate_scores,
+    pool_k,
+    pool_q,
+    select,
+    select_scores,
+)
 from vllm_seer.rope import RopeSpec, rotate
 
 
@@ -87,6 +96,46 @@ def test_select_threshold_topk_diag_last_rows():
     # top-k: k = max(1, int((1 - sqrt(1 - 0.5)) * 4)) = 1, plus the diagonal
     m = select(probs, 0, Selection("nz_ratio", 0.1, 0.5, False))
     assert m[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]]
+
+
+def test_select_scores_topk_ranks_logits_where_probs_underflow():
+    """Upstream ranks the masked logits: a row whose softmax underflows to one-hot still keeps its
+    ``k`` largest causal blocks (ranking probabilities would tie them with non-causal zeros)."""
+    inf = float("-inf")
+    # one head, query block 3 of 8 key blocks; k = int((1 - sqrt(0.5)) * 8) = 2
+    scores = torch.tensor([[[-3000.0, -1000.0, -2000.0, 0.0, inf, inf, inf, inf]]])
+    assert torch.softmax(scores, -1)[0, 0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    sel = Selection("nz_ratio", 0.0, 0.5, False)
+    assert select_scores(scores, 3, sel)[0, 0].int().tolist() == [0, 1, 0, 1, 0, 0, 0, 0]
+    # non-causal entries are ignored whatever they hold
+    loud = scores.clone()
+    loud[..., 4:] = 1e4
+    assert torch.equal(select_scores(loud, 3, sel), select_scores(scores, 3, sel))
+    # threshold still compares the softmax
+    thr = select_scores(scores, 3, Selection("threshold", 1e-3, 0.0, False))
+    assert thr[0, 0].int().tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+
+
+def test_select_topk_ties_take_lowest_index():
+    """Equal scores: the lowest block indices win (the Triton select kernel's rule), in both
+    :func:`select_scores` and :func:`select` (whose causal zeros beat the non-causal ones)."""
+    sel = Selection("nz_ratio", 0.0, 0.5, False)  # k = 2 of 8 key blocks
+    scores = torch.full((3, 1, 8), -5.0)
+    m = select_scores(scores, 5, sel)
+    assert m[:, 0].int().tolist() == [[1, 1, 0, 0, 0, 1, 0, 0]] * 3  # blocks 0, 1 + diagonal 5
+    probs = torch.zeros(1, 1, 8)
+    probs[0, 0, 3] = 1.0
+    assert select(probs, 3, sel)[0, 0].int().tolist() == [1, 0, 0, 1, 0, 0, 0, 0]
+
+
+def test_gate_probs_is_softmax_of_gate_scores():
+    q = torch.randn(3, 2, 8)
+    k_pooled = torch.randn(5, 1, 24)
+    w = torch.randn(2, 24, 8)
+    inv = RopeSpec(8, 10000.0).inv_freq()
+    s = gate_scores(q, 2, k_pooled, w, inv, block_size=4)
+    assert torch.isinf(s[:, 0, 3:]).all() and torch.isfinite(s[:, 2]).all()
+    assert torch.equal(gate_probs(q, 2, k_pooled, w, inv, block_size=4), torch.softmax(s, -1))
 
 
 def test_select_density_one_is_full_triangle():

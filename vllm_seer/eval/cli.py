@@ -1,4 +1,4 @@
-"""``vllm-seer eval MODEL --gates DIR``: accuracy of Seer vs dense, A-shape and oracle selectors.
+"""``vllm-seer eval MODEL --gates DIR``: accuracy of Seer vs dense, A-shape, oracle, vertical-slash.
 
 Runs held-out perplexity and pass-key retrieval at several lengths for every selector in
 :func:`default_selectors`, stores results incrementally in a JSON file (re-running skips what is
@@ -34,7 +34,8 @@ THRESHOLDS = (5e-4, 2e-3)
 
 def default_selectors(weights: dict[int, torch.Tensor], inv_freq: torch.Tensor,
                       block_size: int = 64) -> list[Selector]:
-    """dense; Seer at nz_ratio 0.5/0.3/0.1 and threshold 5e-4/2e-3; A-shape and oracle top-k."""
+    """dense; Seer at nz_ratio 0.5/0.3/0.1 and threshold 5e-4/2e-3; A-shape, oracle top-k and
+    MInference vertical-slash at the same nz_ratios."""
     sels = [Selector("dense", block_size=block_size)]
     for r in NZ_RATIOS:
         sels.append(Selector("seer", "nz_ratio", nz_ratio=r, block_size=block_size,
@@ -42,7 +43,7 @@ def default_selectors(weights: dict[int, torch.Tensor], inv_freq: torch.Tensor,
     for th in THRESHOLDS:
         sels.append(Selector("seer", "threshold", threshold=th, block_size=block_size,
                              weights=weights, inv_freq=inv_freq))
-    for kind in ("ashape", "oracle"):
+    for kind in ("ashape", "oracle", "vslash"):
         sels += [Selector(kind, "nz_ratio", nz_ratio=r, block_size=block_size) for r in NZ_RATIOS]
     return sels
 

@@ -29,7 +29,7 @@ def aggregate_passkey(results: dict[str, Any]) -> dict[tuple[int, str], tuple[fl
 
 
 def _labels(keys: list[tuple[int, str]]) -> list[str]:
-    order = {"dense": 0, "seer": 1, "ashape": 2, "oracle": 3}
+    order = {"dense": 0, "seer": 1, "ashape": 2, "vslash": 3, "oracle": 4}
     labels = sorted({lab for _, lab in keys},
                     key=lambda s: (order.get(s.split()[0], 9), s.split()[-1][:3], s))
     return labels

@@ -10,7 +10,9 @@ Selectors (all keep the diagonal block, and the last two query-block rows dense,
 
 * ``seer``: the trained gate (:func:`vllm_seer.gate.gate_mask`) with threshold or nz_ratio top-k;
 * ``ashape``: sink block 0 plus a local window of the most recent blocks, ``k`` blocks per row;
-* ``oracle``: top-``k`` blocks of the true block max-pooled attention (the distillation target).
+* ``oracle``: top-``k`` blocks of the true block max-pooled attention (the distillation target);
+* ``vslash``: MInference's vertical-slash pattern estimated from the last 64 queries, at the same
+  block budget (:mod:`vllm_seer.eval.vslash`, which says how faithfully).
 
 For ``nz_ratio`` selectors ``k = max(1, int((1 - sqrt(1 - r)) * nkb))`` as upstream.
 """
@@ -23,13 +25,16 @@ from typing import Any
 
 import torch
 
+from vllm_seer.eval.vslash import vertical_slash_mask
 from vllm_seer.gate import Selection, gate_mask, select
 from vllm_seer.kernels.ground_truth import block_attn_ground_truth_ref
+
+KINDS = ("dense", "seer", "ashape", "oracle", "vslash")
 
 
 @dataclass
 class Selector:
-    """How active blocks are chosen. ``kind`` in ``dense | seer | ashape | oracle``.
+    """How active blocks are chosen. ``kind`` in :data:`KINDS`.
 
     ``weights``/``inv_freq`` are needed for ``seer`` (layer → ``[Hq, 3D, G]``, ``[G // 2]``).
     """
@@ -66,7 +71,12 @@ class Selector:
             return select(block_attn_ground_truth_ref(q, k, block_size=b), 0, self.selection())
         if self.kind == "ashape":
             return ashape_mask(q.shape[1], -(-q.shape[0] // b), self.nz_ratio, q.device)
-        raise ValueError(f"unknown selector kind {self.kind!r}")
+        if self.kind == "vslash":
+            if self.method != "nz_ratio":
+                raise ValueError("the vslash selector supports sparsity method nz_ratio only, "
+                                 f"got {self.method!r}")
+            return vertical_slash_mask(q, k, self.nz_ratio, b)
+        raise ValueError(f"unknown selector kind {self.kind!r}; expected one of {KINDS}")
 
 
 def ashape_mask(heads: int, nb: int, nz_ratio: float, device: torch.device) -> torch.Tensor:
