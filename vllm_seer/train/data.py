@@ -48,13 +48,16 @@ def split_of(name: str, heldout_permille: int = 100) -> str:
 
 
 def list_documents(split: str, root: Path | None = None, min_bytes: int = 4096,
-                   heldout_permille: int = 100) -> list[Document]:
+                   heldout_permille: int = 100,
+                   suffixes: tuple[str, ...] = (".py",)) -> list[Document]:
     """Documents of one split, sorted by name.
 
     Args:
         split: ``"train"`` or ``"heldout"``.
         root: corpus folder (default :func:`stdlib_root`).
         min_bytes: skip smaller files (they cannot fill a sequence anyway).
+        suffixes: file name endings that count as documents (``(".py",)`` for code,
+            ``(".txt",)`` for a prose folder of plain-text files).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -62,7 +65,9 @@ def list_documents(split: str, root: Path | None = None, min_bytes: int = 4096,
     if not base.is_dir():
         raise FileNotFoundError(f"corpus root {base} is not a folder")
     docs = []
-    for path in base.rglob("*.py"):
+    for path in base.rglob("*"):
+        if not path.name.endswith(suffixes):
+            continue
         rel = path.relative_to(base).as_posix()
         if "site-packages" in rel or "dist-packages" in rel or not path.is_file():
             continue
@@ -83,14 +88,14 @@ def document_windows(tokenizer: Any, doc: Document, seq_len: int,
 
 
 def sequences(tokenizer: Any, split: str, seq_len: int, count: int, seed: int = 0,
-              max_windows_per_doc: int = 4, root: Path | None = None
-              ) -> Iterator[tuple[str, torch.Tensor]]:
+              max_windows_per_doc: int = 4, root: Path | None = None,
+              suffixes: tuple[str, ...] = (".py",)) -> Iterator[tuple[str, torch.Tensor]]:
     """Up to ``count`` ``(id, [seq_len] ids)`` pairs from a split, in a seeded document order.
 
     At most ``max_windows_per_doc`` windows come from one document so a few huge files do not
     dominate; ``id`` is ``"<doc name>#<window>"`` (stable, used as a cache key).
     """
-    docs = list_documents(split, root=root, min_bytes=seq_len * 2)
+    docs = list_documents(split, root=root, min_bytes=seq_len * 2, suffixes=suffixes)
     random.Random(seed).shuffle(docs)
     made = 0
     for doc in docs:
