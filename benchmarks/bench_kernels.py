@@ -35,7 +35,7 @@ from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists
 from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
-from vllm_seer.gate import Selection
+from vllm_seer.gate import Selection, block_rope_table, group_gate_weight
 from vllm_seer.rope import RopeSpec
 
 MODELS = {"llama3.1-8b": (32, 8, 128, 500000.0), "smollm2": (9, 3, 64, 100000.0)}
@@ -60,8 +60,16 @@ def _bench(fn, rep: int) -> float:
     return do_bench(fn, warmup=max(1, rep // 8), rep=rep)
 
 
-def _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs) -> dict:
-    """The gate's three stages as separately timeable calls (same arguments as ``seer_gate``)."""
+def _gate_tables(weight: torch.Tensor, inv: torch.Tensor, hkv: int, L: int) -> dict:
+    """The start-up tables the CUDA backend passes to ``seer_gate`` (block-start RoPE, weight
+    grouped per KV head), for a context of ``L`` tokens."""
+    return {"rope_table": block_rope_table(inv, -(-L // BS), BS),
+            "grouped_weight": group_gate_weight(weight, hkv)}
+
+
+def _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs, tabs: dict) -> dict:
+    """The gate's three stages as separately timeable calls, and the whole gate (same arguments
+    as ``seer_gate``, the backend's start-up tables ``tabs``)."""
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
 
@@ -69,7 +77,9 @@ def _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs) -> dict:
         "pool_k": lambda: pool_k_paged(k_cache, bt, lens, inv, bufs.k_pooled),
         "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
         "select": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,
-                                       bufs.block_index, bufs.block_count, BS, bufs.scores),
+                                       bufs.block_index, bufs.block_count, BS, bufs.scores,
+                                       bufs.topk, **tabs),
+        "gate": lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs, **tabs),
     }
 
 
@@ -151,6 +161,7 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
     weight = (torch.randn(hq, 3 * d, d, device=dev) / math.sqrt(3 * d)).to(dt)
     plan = plan_batch([0, L], [L])
     bufs = SeerBuffers.allocate(plan, hq, hkv, d, dev)
+    tabs = _gate_tables(weight, inv, hkv, L)
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(d)
     flops_dense = 4.0 * hq * d * L * (L + 1) / 2
@@ -183,7 +194,7 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
     for kind, dens in cases:
         sel = Selection("nz_ratio", 0.0, dens, True)
         bufs.set_topk([L], sel)  # once per step, as the CUDA builder does
-        gate = lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)  # noqa: E731,B023
+        gate = lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs, **tabs)  # noqa: E731,B023
         if dens not in gate_ms:  # the gate's cost does not depend on the values it selects from
             gate()
             gate_ms[dens] = _bench(gate, rep)
@@ -267,12 +278,14 @@ def profile_gate(model: str, L: int) -> None:
     weight = (torch.randn(hq, 3 * d, d, device="cuda") / math.sqrt(3 * d)).to(torch.bfloat16)
     bufs = SeerBuffers.allocate(plan_batch([0, L], [L]), hq, hkv, d, "cuda")
     sel = Selection("nz_ratio", 0.0, 0.1, True)
-    parts = _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs)
+    bufs.set_topk([L], sel)
+    parts = _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs,
+                         _gate_tables(weight, inv, hkv, L))
     print(f"{model} {L} gate (ms):", {k: round(_bench(f, 50), 4) for k, f in parts.items()})
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
-            parts["select"]()
+        for _ in range(5):  # every launch of the whole gate, 5 calls
+            parts["gate"]()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
 
@@ -294,10 +307,11 @@ def profile_chunk(model: str, L: int, chunk: int, vkernels, density: float = 0.1
     sel = Selection("nz_ratio", 0.0, density, True)
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(d)
-    seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs)
+    bufs.set_topk([L], sel)
+    tabs = _gate_tables(weight, inv, hkv, L)
+    seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs, **tabs)
     parts = {
-        **_gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs),
-        "gate": lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs),
+        **_gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs, tabs),
         "attn": lambda: sparse_prefill_paged(q, k_cache, v_cache, bt, cu, lens, bufs.block_index,
                                              bufs.block_count, out, scale),
     }

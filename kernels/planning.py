@@ -108,11 +108,15 @@ class SeerBuffers:
 
 def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
               cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, weight: torch.Tensor,
-              inv_freq: torch.Tensor, sel: Selection, bufs: SeerBuffers) -> None:
+              inv_freq: torch.Tensor, sel: Selection, bufs: SeerBuffers,
+              rope_table: torch.Tensor | None = None,
+              grouped_weight: torch.Tensor | None = None) -> None:
     """Pool (RoPE undone), score and select: fills ``bufs.block_index`` / ``bufs.block_count``.
 
     Args:
         q: ``[T, Hq, D]`` post-RoPE rows; k_cache ``[P, page, Hkv, D]``; weight ``[Hq, 3D, G]``.
+        rope_table, grouped_weight: the start-up tables of
+            :func:`vllm_seer.kernels.block_select.triton.block_select` (built per call if ``None``).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
@@ -121,7 +125,8 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     pool_k_paged(k_cache, block_table, seq_lens, inv_freq, bufs.k_pooled, bs)
     pool_q_varlen(q, cu_seqlens_q, seq_lens, inv_freq, bufs.q_pooled, bs)
     block_select(bufs.q_pooled, bufs.k_pooled, weight, inv_freq, cu_seqlens_q, seq_lens, sel,
-                 bufs.block_index, bufs.block_count, bs, bufs.scores, bufs.topk)
+                 bufs.block_index, bufs.block_count, bs, bufs.scores, bufs.topk, rope_table,
+                 grouped_weight)
 
 
 def seer_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_seer.rope import cos_sin as rope_cos_sin
 from vllm_seer.rope import rotate
 
 SPARSITY_METHODS = ("threshold", "nz_ratio")
@@ -219,3 +220,35 @@ def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tens
     scores = gate_scores(q_pooled, qb0, pool_k(k_pre, block_size), weight, inv_freq, block_size,
                          rope_scale)
     return select_scores(scores, qb0, sel), qb0
+
+
+def block_rope_table(inv_freq: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
+    """cos / sin of the gate's RoPE at block starts, for the Triton scores kernel.
+
+    Args:
+        inv_freq: ``[G // 2]`` RoPE inverse frequencies.
+        num_blocks: blocks covered (``ceil(max_model_len / block_size)``: a request's blocks).
+    Returns:
+        ``[num_blocks, 2, G // 2]`` fp32 on ``inv_freq``'s device: ``[:, 0]`` cos and ``[:, 1]``
+        sin of ``(j * block_size) * inv_freq``, the same values :func:`vllm_seer.rope.cos_sin` gives.
+    """
+    pos = torch.arange(num_blocks, device=inv_freq.device) * block_size
+    cos, sin = rope_cos_sin(pos, inv_freq.to(torch.float32))
+    return torch.stack((cos, sin), dim=1).contiguous()
+
+
+def group_gate_weight(weight: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """A layer's ``mask_linear_k`` weight laid out per KV group for one batched projection.
+
+    Args:
+        weight: ``[Hq, 3D, G]``.
+    Returns:
+        ``[Hkv, 3D, (Hq // Hkv) * G]`` fp32 contiguous: column block ``i`` of group ``h`` is query
+        head ``h * (Hq // Hkv) + i``'s projection.
+    """
+    hq, c3, g = weight.shape
+    if hq % num_kv_heads:
+        raise ValueError(f"gate weight has {hq} query heads, not a multiple of {num_kv_heads} KV heads")
+    group = hq // num_kv_heads
+    w = weight.to(torch.float32).view(num_kv_heads, group, c3, g).permute(0, 2, 1, 3)
+    return w.reshape(num_kv_heads, c3, group * g).contiguous()

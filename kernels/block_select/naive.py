@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from vllm_seer.gate import Selection, gate_scores, select_scores, topk_count
+from vllm_seer.gate import (
+    Selection,
+    block_rope_table,
+    gate_scores,
+    group_gate_weight,
+    select_scores,
+    topk_count,
+)
 
 
 def block_select_ref(
@@ -27,6 +34,8 @@ def block_select_ref(
     block_size: int = 64,
     workspace: torch.Tensor | None = None,
     topk: torch.Tensor | None = None,
+    rope_table: torch.Tensor | None = None,
+    grouped_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the active key blocks of every (request, query head, local query block).
 
@@ -44,6 +53,10 @@ def block_select_ref(
         workspace: unused here (the Triton version's score buffer).
         topk: optional ``[B]`` int32 per-request ``k`` of ``nz_ratio`` top-k, precomputed on the
             host (:func:`vllm_seer.gate.topk_count`); checked against the value computed here.
+        rope_table: optional :func:`vllm_seer.gate.block_rope_table` of ``inv_freq`` (the Triton
+            version's start-up table); checked equal to the table of ``inv_freq`` here.
+        grouped_weight: optional :func:`vllm_seer.gate.group_gate_weight` of ``weight``; checked
+            equal to it here.
     Returns:
         ``(block_index, block_count)``.
     """
@@ -54,6 +67,14 @@ def block_select_ref(
         want = [topk_count(-(-L // block_size), sel.nz_ratio) for L in seq_lens.tolist()]
         if topk.tolist() != want:
             raise ValueError(f"topk {topk.tolist()} differs from topk_count of seq_lens: {want}")
+    if rope_table is not None:
+        want_tab = block_rope_table(inv_freq.to(rope_table.device), rope_table.shape[0], block_size)
+        nkb_max = max((-(-L // block_size) for L in seq_lens.tolist()), default=0)
+        if rope_table.shape[0] < nkb_max or not torch.equal(rope_table, want_tab):
+            raise ValueError("rope_table is not block_rope_table(inv_freq) covering every block")
+    if grouped_weight is not None and not torch.equal(
+            grouped_weight, group_gate_weight(weight, k_pooled.shape[2])):
+        raise ValueError("grouped_weight is not group_gate_weight(weight)")
     for b, L in enumerate(seq_lens.tolist()):
         n = cu[b + 1] - cu[b]
         if n == 0:

@@ -5,11 +5,14 @@ Same signature and semantics as :func:`vllm_seer.kernels.block_select.naive.bloc
 Pipeline (no host sync, grids from tensor shapes):
 
 1. torch: per-query-head projection of the pooled keys as one batched matmul per KV group
-   (``[Hkv, B*MKB, 3D] @ [Hkv, 3D, group*G]``, fp32) — cuBLAS is faster than a Triton kernel here —
-   then ``_rope_blocks_kernel`` rotates the projected keys in place at their block starts.
-2. ``_scores_kernel`` grid ``(cdiv(MQB, BM), B, Hq)``: RoPE of the pooled queries at their block
-   starts in registers, then ``q_gate @ k_gate^T / sqrt(G)`` as two half-width dots over the
-   causal key blocks only, written to an fp32 workspace ``[B, Hq, MQB, MKB]`` (tf32x3 on GPU).
+   (``[Hkv, B*MKB, 3D] @ [Hkv, 3D, group*G]``, fp32, on a strided view of the pooled keys) —
+   cuBLAS is faster than a Triton kernel here; the grouped weight is laid out once per layer at
+   start-up (:func:`vllm_seer.gate.group_gate_weight`).
+2. ``_scores_kernel`` grid ``(cdiv(MQB, BM), B, Hq)``: RoPE of the pooled queries and of the
+   projected keys at their block starts in registers, with cos / sin read from a table made once
+   at start-up (:func:`vllm_seer.gate.block_rope_table`, no trigonometry per call), then
+   ``q_gate @ k_gate^T / sqrt(G)`` as two half-width dots over the causal key blocks only,
+   written to an fp32 workspace ``[B, Hq, MQB, MKB]`` (tf32x3 on GPU).
 3. ``_select_kernel`` grid ``(MQB, B, Hq)``: one row in registers; softmax + threshold, or top-k by
    an exact 32-step radix select on the float bits, one warp per row so its reductions need no
    block barrier (ties: lower block index first); diagonal,
@@ -25,46 +28,24 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vllm_seer.kernels.triton_common import cos_sin
 
-from vllm_seer.gate import Selection
+from vllm_seer.gate import Selection, block_rope_table, group_gate_weight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@triton.jit
-def _rope_blocks_kernel(
-    x_ptr, f_ptr, R, MKBP,
-    G: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, BR: tl.constexpr,
-    LIBDEVICE: tl.constexpr,
-):
-    # x: [Hkv, B * MKBP, GROUP, G] fp32 contiguous, rotated in place; row r = one G vector at
-    # key block (r // GROUP) % MKBP, i.e. RoPE at position block * BLOCK
-    HALF: tl.constexpr = G // 2
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    r_ok = r < R
-    pos = ((r // GROUP) % MKBP) * BLOCK
-    offs = tl.arange(0, HALF)
-    c, sn = cos_sin(pos, f_ptr, offs, offs < HALF, True, LIBDEVICE)
-    ptr = x_ptr + r.to(tl.int64)[:, None] * G + offs[None, :]
-    x1 = tl.load(ptr, mask=r_ok[:, None], other=0.0)
-    x2 = tl.load(ptr + HALF, mask=r_ok[:, None], other=0.0)
-    tl.store(ptr, x1 * c - x2 * sn, mask=r_ok[:, None])
-    tl.store(ptr + HALF, x2 * c + x1 * sn, mask=r_ok[:, None])
-
-
 @triton.jit(do_not_specialize=["MQB", "MKB"])
 def _scores_kernel(
-    q_ptr, k_ptr, s_ptr, f_ptr, cu_ptr, lens_ptr,
+    q_ptr, k_ptr, s_ptr, cs_ptr, cu_ptr, lens_ptr,
     scale, MQB, MKB,
     stride_qb, stride_qn, stride_qh,
     stride_kv, stride_kb, stride_kn, stride_kg,
     HQ: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # q: [B, MQB, HQ, G] pre-RoPE pooled queries (RoPE at block starts applied here)
-    # k: [Hkv, B, MKB', GROUP, G] projected keys, already rotated (_rope_blocks_kernel)
-    # s: [B, HQ, MQB, MKB]
+    # q: [B, MQB, HQ, G] pre-RoPE pooled queries; k: [Hkv, B, MKB', GROUP, G] projected keys,
+    # pre-RoPE; both rotated here at their block starts with the table cs: [NTAB, 2, G // 2]
+    # (cos | sin of block * BLOCK * inv_freq); s: [B, HQ, MQB, MKB]
     HALF: tl.constexpr = G // 2
     j0 = tl.program_id(0) * BM
     b = tl.program_id(1).to(tl.int64)
@@ -82,7 +63,9 @@ def _scores_kernel(
         q_rows = q_ptr + b * stride_qb + offs_j[:, None].to(tl.int64) * stride_qn + h * stride_qh
         q1 = tl.load(q_rows + offs_g[None, :], mask=j_ok[:, None], other=0.0)
         q2 = tl.load(q_rows + HALF + offs_g[None, :], mask=j_ok[:, None], other=0.0)
-        c, sn = cos_sin(qb * BLOCK, f_ptr, offs_g, offs_g < HALF, True, LIBDEVICE)
+        cs_q = cs_ptr + qb[:, None].to(tl.int64) * G + offs_g[None, :]
+        c = tl.load(cs_q, mask=j_ok[:, None], other=1.0)
+        sn = tl.load(cs_q + HALF, mask=j_ok[:, None], other=0.0)
         r1 = q1 * c - q2 * sn  # rotated halves, [BM, HALF]
         r2 = q2 * c + q1 * sn
         kb_end = tl.minimum(nkb, qb0 + j0 + BM)
@@ -94,8 +77,11 @@ def _scores_kernel(
             kt = k_base + offs_k[None, :].to(tl.int64) * stride_kn + offs_g[:, None]  # [HALF, BN]
             k1 = tl.load(kt, mask=k_ok[None, :], other=0.0)
             k2 = tl.load(kt + HALF, mask=k_ok[None, :], other=0.0)
-            s = tl.dot(r1, k1, input_precision=PRECISION)
-            s = tl.dot(r2, k2, acc=s, input_precision=PRECISION) * scale  # [BM, BN]
+            cs_k = cs_ptr + offs_k[None, :].to(tl.int64) * G + offs_g[:, None]  # [HALF, BN]
+            ck = tl.load(cs_k, mask=k_ok[None, :], other=1.0)
+            sk = tl.load(cs_k + HALF, mask=k_ok[None, :], other=0.0)
+            s = tl.dot(r1, k1 * ck - k2 * sk, input_precision=PRECISION)
+            s = tl.dot(r2, k2 * ck + k1 * sk, acc=s, input_precision=PRECISION) * scale
             ok = k_ok[None, :] & (offs_k[None, :] <= qb[:, None])
             s = tl.where(ok, s, float("-inf"))
             tl.store(s_row[:, None] + offs_k[None, :], s,
@@ -169,6 +155,8 @@ def block_select(
     block_size: int = 64,
     workspace: torch.Tensor | None = None,
     topk: torch.Tensor | None = None,
+    rope_table: torch.Tensor | None = None,
+    grouped_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the active key blocks of every (request, query head, local query block).
 
@@ -188,8 +176,15 @@ def block_select(
         topk: optional ``[B]`` int32 per-request ``k`` of ``nz_ratio`` top-k, precomputed on the
             host once per step (:func:`vllm_seer.gate.topk_count`); computed here with a few small
             device ops when ``None``.
+        rope_table: optional ``[NTAB, 2, G // 2]`` :func:`vllm_seer.gate.block_rope_table` of
+            ``inv_freq`` with ``NTAB >= MKB`` (made once at start-up); built here when ``None``.
+        grouped_weight: optional :func:`vllm_seer.gate.group_gate_weight` of ``weight`` (made once
+            per layer at start-up); built here when ``None``.
     Returns:
         ``(block_index, block_count)``.
+
+    Launches with both tables given and ``topk`` precomputed: the projection (cuBLAS), scores,
+    selection.
     """
     bsz, mqb, hq, g = q_pooled.shape
     _, mkbp, hkv, c3 = k_pooled.shape
@@ -198,27 +193,26 @@ def block_select(
         return block_index, block_count
     group = hq // hkv
     dev = q_pooled.device
+    if rope_table is None:
+        rope_table = block_rope_table(inv_freq.to(dev), max(mkb, mkbp), block_size)
+    if rope_table.shape[0] < mkb or tuple(rope_table.shape[1:]) != (2, g // 2):
+        raise ValueError(f"rope_table {tuple(rope_table.shape)}: expected [>= {mkb}, 2, {g // 2}]")
+    if grouped_weight is None:
+        grouped_weight = group_gate_weight(weight, hkv)
     # 1. projection per query head, batched per KV group: [Hkv, B*MKB', 3D] @ [Hkv, 3D, group*G]
-    #    (cuBLAS), then RoPE of the projected keys at their block starts, in place (one kernel)
-    kp = k_pooled.reshape(bsz * mkbp, hkv, c3).transpose(0, 1).to(torch.float32)
-    w = weight.to(torch.float32).view(hkv, group, c3, g).permute(0, 2, 1, 3).reshape(hkv, c3, -1)
-    k_gate = torch.matmul(kp, w)  # [Hkv, B*MKB', group*G] contiguous
-    inv = inv_freq.to(device=dev, dtype=torch.float32)
-    rows = hkv * bsz * mkbp * group
-    br = 16 if INTERPRET else 64
-    _rope_blocks_kernel[(triton.cdiv(rows, br),)](
-        k_gate, inv, rows, mkbp, G=g, GROUP=group, BLOCK=block_size, BR=br, LIBDEVICE=not INTERPRET,
-        num_warps=4)
-    # 2. causal scores into the workspace (query RoPE at block starts inside the kernel)
+    #    (cuBLAS, fp32, on a strided view of the pooled keys)
+    kp = k_pooled.reshape(bsz * mkbp, hkv, c3).transpose(0, 1)
+    k_gate = torch.matmul(kp, grouped_weight)  # [Hkv, B*MKB', group*G] contiguous, pre-RoPE
+    # 2. causal scores into the workspace (RoPE of both sides at block starts inside the kernel)
     if workspace is None:
         workspace = torch.empty(bsz * hq * mqb * mkb, dtype=torch.float32, device=dev)
     bm, bn = (16, 64) if INTERPRET else (64, 64)
     _scores_kernel[(triton.cdiv(mqb, bm), bsz, hq)](
-        q_pooled, k_gate, workspace, inv, cu_seqlens_q, seq_lens,
+        q_pooled, k_gate, workspace, rope_table, cu_seqlens_q, seq_lens,
         1.0 / math.sqrt(g), mqb, mkb,
         *q_pooled.stride()[:3], *k_gate.view(hkv, bsz, mkbp, group, g).stride()[:4],
         HQ=hq, GROUP=group, G=g, BLOCK=block_size, BM=bm, BN=bn,
-        PRECISION="ieee" if INTERPRET else "tf32x3", LIBDEVICE=not INTERPRET, num_warps=4,
+        PRECISION="ieee" if INTERPRET else "tf32x3", num_warps=4,
     )
     # 3. per-row selection
     use_topk = sel.method == "nz_ratio"

@@ -199,3 +199,52 @@ def test_block_select_precomputed_topk() -> None:
     with pytest.raises(ValueError, match="topk_count"):
         block_select_ref(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count,
                          topk=bufs.topk + 1)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_block_select_startup_tables(impl: str) -> None:
+    """The start-up tables (block-start RoPE cos / sin, KV-grouped weight) select exactly what the
+    per-call ones do, with a table longer than the batch needs; a table of other frequencies,
+    one too short, or a weight of another layer is refused by the reference, and a table of the
+    wrong shape by both."""
+    from vllm_seer.kernels.block_select import block_select as triton_select
+
+    from vllm_seer.gate import block_rope_table, group_gate_weight
+
+    fn = triton_select if impl == "triton" else block_select_ref
+    lens, n_new, hq, hkv, d, sel = CPU_CASES["topk-ragged-gqa4"]
+    q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
+    table = block_rope_table(inv, mkb + 5, 64)
+    grouped = group_gate_weight(weight, hkv)
+    res = []
+    for tab, gw in ((None, None), (table, grouped)):
+        index = torch.full((len(lens), hq, mqb, mkb), -7, dtype=torch.int32, device=DEVICE)
+        count = torch.full((len(lens), hq, mqb), -7, dtype=torch.int32, device=DEVICE)
+        fn(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count,
+           rope_table=tab, grouped_weight=gw)
+        res.append((index, count))
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    index, count = torch.empty_like(res[0][0]), torch.empty_like(res[0][1])
+    with pytest.raises(ValueError, match="rope_table"):
+        fn(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count,
+           rope_table=table[:, :, :-1])
+    if impl == "reference":
+        bad = [dict(rope_table=block_rope_table(inv * 2, mkb, 64)),
+               dict(rope_table=table[:mkb - 1]),
+               dict(grouped_weight=group_gate_weight(weight * 2, hkv))]
+        for kwargs in bad:
+            with pytest.raises(ValueError):
+                fn(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count, **kwargs)
+
+
+def test_group_gate_weight_layout() -> None:
+    """Column block ``i`` of KV group ``h`` is query head ``h * group + i``'s projection."""
+    from vllm_seer.gate import group_gate_weight
+
+    w = torch.randn(6, 12, 4)
+    g = group_gate_weight(w, 2)
+    assert g.shape == (2, 12, 12) and g.is_contiguous()
+    for h in range(6):
+        torch.testing.assert_close(g[h // 3, :, (h % 3) * 4:(h % 3 + 1) * 4], w[h])
+    with pytest.raises(ValueError, match="KV heads"):
+        group_gate_weight(w, 4)

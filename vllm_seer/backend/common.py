@@ -27,7 +27,7 @@ from vllm_seer.backend import compat
 from vllm_seer.backend.stage import PipelineStage, reporting_stage
 from vllm_seer.checkpoint import GateCheckpoint, load_gates
 from vllm_seer.config import SeerConfig
-from vllm_seer.gate import gate_mask
+from vllm_seer.gate import block_rope_table, gate_mask, group_gate_weight
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
 from vllm_seer.metrics import WorkerStats
 from vllm_seer.rope import RopeSpec
@@ -247,6 +247,17 @@ class SeerRuntime:
         rope = RopeSpec.from_hf_config(hf, head_dim, int(model_config.max_model_len))
         self.inv_freq = rope.inv_freq().to(device)  # [rotary_dim // 2]
         self.rope_scale = rope.attention_scale()  # YaRN / LongRoPE mscale in vLLM's cos/sin
+        # start-up tables of the Triton gate (CUDA): cos / sin at every block start of the longest
+        # request, [ceil(max_model_len / block), 2, rotary_dim // 2] fp32, and each layer's
+        # weight laid out per KV group (a second copy of the gate weights: 4 * Hq * 3D * G bytes
+        # per layer, 3 MiB for Llama-3.1-8B's 32 x 384 x 64)
+        self.grouped_weights: dict[int, torch.Tensor] = {}
+        self.block_rope: torch.Tensor | None = None
+        if device.type == "cuda":
+            max_blocks = -(-int(model_config.max_model_len) // self.block_size)
+            self.block_rope = block_rope_table(self.inv_freq, max_blocks, self.block_size)
+            self.grouped_weights = {i: group_gate_weight(self.weights[i], num_kv_heads)
+                                    for i in self.stage.layers}
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         # rows up to this many query tokens are decodes (speculative verification rows included)
         self.decode_max_query_len = compat.max_decode_query_len(vllm_config)

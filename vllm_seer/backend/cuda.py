@@ -97,7 +97,9 @@ class SeerCUDAImpl(FlashAttentionImpl):
             return
         t0 = time.perf_counter()
         dev, hq, hkv, d = rt.inv_freq.device, self.num_heads, self.num_kv_heads, self.head_size
-        n, page = WARMUP_TOKENS, self._page_size
+        assert rt.block_rope is not None
+        n = min(WARMUP_TOKENS, rt.block_rope.shape[0] * rt.block_size)  # <= max_model_len blocks
+        page = self._page_size
         pages = -(-n // page)
         k_cache = torch.randn(pages, page, hkv, d, dtype=dtype, device=dev)
         v_cache = torch.randn_like(k_cache)
@@ -107,7 +109,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         lens = cu[1:].clone()
         bufs = SeerBuffers.allocate(plan_batch([0, n], [n], rt.block_size), hq, hkv, d, dev)
         seer_gate(q, k_cache, block_table, cu, lens, rt.weights[layer], rt.inv_freq,
-                  rt.config.selection, bufs)
+                  rt.config.selection, bufs, rt.block_rope, rt.grouped_weights[layer])
         sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
                              bufs.block_count, torch.empty_like(q), self.scale, rt.block_size,
                              bufs.split)
@@ -141,7 +143,8 @@ class SeerCUDAImpl(FlashAttentionImpl):
         out = torch.empty_like(q)
         t0 = timer.mark()  # CUDA events on the current stream: no host sync here
         seer_gate(q, k_cache, plan.block_table, plan.cu_seqlens_q, plan.seq_lens,
-                  rt.weights[self._layer], rt.inv_freq, rt.config.selection, bufs)
+                  rt.weights[self._layer], rt.inv_freq, rt.config.selection, bufs,
+                  rt.block_rope, rt.grouped_weights[self._layer])
         t1 = timer.mark()
         sparse_prefill_paged(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
                              plan.seq_lens, bufs.block_index, bufs.block_count, out, self.scale,
