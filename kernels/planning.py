@@ -140,3 +140,63 @@ def seer_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return sparse_prefill_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
                                 bufs.block_index, bufs.block_count, out, scale,
                                 bufs.plan.block_size, bufs.split)
+
+
+def select_widths(max_blocks: int) -> list[int]:
+    """Key-block counts ``MKB`` whose selection kernels differ (its row width is the next power of
+    two of ``MKB``): one per power of two up to that of ``max_blocks``."""
+    widths, p = [], 1
+    while p < max_blocks:
+        widths.append(p)
+        p *= 2
+    return [*widths, max_blocks]
+
+
+def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: int,
+            weight: torch.Tensor, inv_freq: torch.Tensor, sel: Selection, max_blocks: int,
+            device: torch.device | str, block_size: int = 64, tokens: int = 16384,
+            rope_table: torch.Tensor | None = None,
+            grouped_weight: torch.Tensor | None = None) -> None:
+    """Compile and autotune every Seer kernel variant a request can need, on synthetic inputs.
+
+    Autotuned configs are keyed by head dim, page and block size only, and the sizes that change
+    per batch are not specialised on; what does change the compiled code is the selection row
+    width (a power of two of the context's key blocks) and whether long rows are split. So: one
+    synthetic ``tokens``-token prefill (long rows split), one of ``2 * block_size * 16`` tokens (no
+    split), and the selection alone at every row width up to ``max_blocks`` (the longest request).
+
+    Args:
+        max_blocks: key blocks of the longest request (``ceil(max_model_len / block_size)``).
+        tokens: clipped to ``max_blocks * block_size``.
+    """
+    from vllm_seer.kernels.block_select.triton import block_select
+    from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
+
+    dev = torch.device(device)
+    for n in sorted({min(tokens, max_blocks * block_size), min(32 * block_size,
+                                                                 max_blocks * block_size)}):
+        pages = -(-n // page_size)
+        k_cache = torch.randn(pages, page_size, hkv, head_dim, dtype=q_dtype, device=dev)
+        v_cache = torch.randn_like(k_cache)
+        block_table = torch.randperm(pages, device=dev).to(torch.int32)[None]
+        q = torch.randn(n, hq, head_dim, dtype=q_dtype, device=dev)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        lens = cu[1:].clone()
+        bufs = SeerBuffers.allocate(plan_batch([0, n], [n], block_size), hq, hkv, head_dim, dev)
+        bufs.set_topk([n], sel)
+        seer_gate(q, k_cache, block_table, cu, lens, weight, inv_freq, sel, bufs, rope_table,
+                  grouped_weight)
+        sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
+                             bufs.block_count, torch.empty_like(q), 1.0 / head_dim ** 0.5,
+                             block_size, bufs.split)
+    for mkb in select_widths(max_blocks):
+        n = mkb * block_size
+        cu = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        lens = torch.tensor([n], dtype=torch.int32, device=dev)
+        bufs = SeerBuffers.allocate(plan_batch([0, 1], [n], block_size), hq, hkv, head_dim, dev)
+        bufs.set_topk([n], sel)
+        bufs.q_pooled.normal_()
+        bufs.k_pooled.normal_()
+        block_select(bufs.q_pooled, bufs.k_pooled, weight, inv_freq, cu, lens, sel,
+                     bufs.block_index, bufs.block_count, block_size, bufs.scores, bufs.topk,
+                     rope_table, grouped_weight)

@@ -66,7 +66,7 @@ class SplitWork:
                    split_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "SEG", "CAP"])  # R: rows of the batch, varies
 def _plan_kernel(cnt_ptr, row_slot_ptr, seg_ptr, counter_ptr, R, SEG, CAP, BR: tl.constexpr):
     # one program per BR rows: one atomic for all its split rows, slots handed out in row order
     r = tl.program_id(0) * BR + tl.arange(0, BR)

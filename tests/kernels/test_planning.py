@@ -81,3 +81,32 @@ def test_layer_path_never_syncs() -> None:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert int(bufs.split.counter) > 0 and torch.isfinite(out).all()
+
+
+def test_select_widths() -> None:
+    """One selection row width per power of two up to the longest request's key blocks."""
+    from vllm_seer.kernels.planning import select_widths
+
+    assert select_widths(1) == [1]
+    assert select_widths(5) == [1, 2, 4, 5]
+    assert select_widths(2048) == [1 << i for i in range(12)]
+    import triton
+
+    assert sorted({triton.next_power_of_2(m) for m in select_widths(2046)}) == \
+        sorted({triton.next_power_of_2(m) for m in range(1, 2047)})
+
+
+@pytest.mark.parametrize("sel", [Selection("nz_ratio", 0.0, 0.3, True),
+                                 Selection("threshold", 1e-2, 0.0, False)], ids=["topk", "threshold"])
+def test_warm_up_runs_every_variant_small(sel: Selection) -> None:
+    """The start-up warm-up runs (interpreter on CPU: tiny heads, 5-block longest request, a
+    200-token synthetic prefill) with the start-up tables, and touches no real cache."""
+    from vllm_seer.kernels.planning import warm_up
+
+    from vllm_seer.gate import block_rope_table, group_gate_weight
+
+    hq, hkv, d = 2, 1, 64
+    inv = RopeSpec(d, 10000.0).inv_freq().to(DEVICE)
+    weight = torch.randn(hq, 3 * d, d, device=DEVICE) / math.sqrt(3 * d)
+    warm_up(torch.float32, hq, hkv, d, 16, weight, inv, sel, 5, DEVICE, 64, 200,
+            block_rope_table(inv, 5, 64), group_gate_weight(weight, hkv))

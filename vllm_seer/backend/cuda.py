@@ -32,7 +32,7 @@ from vllm_seer.backend.common import (
     forward_dense,
 )
 from vllm_seer.backend.runtime import get_runtime
-from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
+from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate, warm_up
 
 logger = logging.getLogger(__name__)
 WARMUP_TOKENS = 16384  # synthetic prefill used to compile and autotune the kernels at start-up
@@ -82,40 +82,28 @@ class SeerCUDAImpl(FlashAttentionImpl):
         self._layer: int | None = None
 
     def _warm_up(self, dtype: torch.dtype) -> None:
-        """Compile and autotune the gate and sparse kernels on a synthetic ``WARMUP_TOKENS``
-        prefill with this model's heads, page size and dtype, during vLLM's profiling run, so the
-        first long request does not pay for it (otherwise ~25 s on an H100). Autotuned configs are
-        keyed by head dim and block size only, so they carry over to every real batch."""
+        """Compile and autotune every Seer kernel variant during vLLM's profiling run
+        (:func:`vllm_seer.kernels.planning.warm_up`: this model's heads, page size, dtype and
+        longest request), so no user request compiles or autotunes (otherwise ~25 s on an H100
+        for the first long request, and more at each new power of two of its key blocks)."""
         if SeerCUDAImpl._warmed_up or torch.cuda.is_current_stream_capturing():
             return
         SeerCUDAImpl._warmed_up = True
-        from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
-
         rt = get_runtime()
         layer = rt.last_sparse_layer  # a layer of this pipeline stage
         if layer is None:  # every layer of this stage is dense: no Seer kernel will run here
             return
-        t0 = time.perf_counter()
-        dev, hq, hkv, d = rt.inv_freq.device, self.num_heads, self.num_kv_heads, self.head_size
         assert rt.block_rope is not None
-        n = min(WARMUP_TOKENS, rt.block_rope.shape[0] * rt.block_size)  # <= max_model_len blocks
-        page = self._page_size
-        pages = -(-n // page)
-        k_cache = torch.randn(pages, page, hkv, d, dtype=dtype, device=dev)
-        v_cache = torch.randn_like(k_cache)
-        block_table = torch.randperm(pages, device=dev).to(torch.int32)[None]
-        q = torch.randn(n, hq, d, dtype=dtype, device=dev)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
-        lens = cu[1:].clone()
-        bufs = SeerBuffers.allocate(plan_batch([0, n], [n], rt.block_size), hq, hkv, d, dev)
-        seer_gate(q, k_cache, block_table, cu, lens, rt.weights[layer], rt.inv_freq,
-                  rt.config.selection, bufs, rt.block_rope, rt.grouped_weights[layer])
-        sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
-                             bufs.block_count, torch.empty_like(q), self.scale, rt.block_size,
-                             bufs.split)
+        t0 = time.perf_counter()
+        max_blocks = rt.block_rope.shape[0]
+        warm_up(dtype, self.num_heads, self.num_kv_heads, self.head_size, self._page_size,
+                rt.weights[layer], rt.inv_freq, rt.config.selection, max_blocks,
+                rt.inv_freq.device, rt.block_size, WARMUP_TOKENS, rt.block_rope,
+                rt.grouped_weights[layer])
         torch.cuda.synchronize()
-        logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic %d-token prefill)",
-                    time.perf_counter() - t0, n)
+        logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic prefills on %d-token "
+                    "pages, selection widths up to %d key blocks)", time.perf_counter() - t0,
+                    self._page_size, max_blocks)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeerStepMetadata | None,

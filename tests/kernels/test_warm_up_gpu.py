@@ -1,0 +1,130 @@
+"""GPU: after the start-up warm-up no request compiles or autotunes a Seer kernel (issue 12.2).
+
+The CUDA backend calls :func:`vllm_seer.kernels.planning.warm_up` in vLLM's profiling run. A
+request that met a kernel variant the warm-up did not build would compile it (a second or more on
+the H200) inside its time to first token. Here: warm up as the backend does, then run the whole
+gate + sparse path on batches of other shapes (short and long rows, ragged requests, cached
+context, every power of two of key blocks up to the longest request) and count the compiled
+variants and autotune entries of every Seer kernel before and after.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _paged import make_batch
+
+from vllm_seer.gate import Selection, block_rope_table, group_gate_weight
+from vllm_seer.rope import RopeSpec
+
+pytestmark = pytest.mark.gpu
+
+HQ, HKV, D, BS = 32, 8, 128, 64
+MAX_BLOCKS = 2048  # a 128k-token max_model_len
+
+
+def _jit_functions() -> list:
+    from vllm_seer.kernels.block_select import triton as bsel
+    from vllm_seer.kernels.paged_pool import triton as pool
+    from vllm_seer.kernels.sparse_prefill import split
+    from vllm_seer.kernels.sparse_prefill import triton as sp
+
+    return [bsel._scores_kernel, bsel._select_kernel, pool._pool_k_kernel, pool._pool_q_kernel,
+            sp._sparse_prefill_kernel, split._plan_kernel, split._combine_kernel]
+
+
+def _unwrap(fn):
+    """The JITFunction under Heuristics / Autotuner wrappers, and the autotuners on the way."""
+    tuners = []
+    while not hasattr(fn, "device_caches"):
+        if hasattr(fn, "cache") and isinstance(fn.cache, dict):
+            tuners.append(fn)
+        fn = fn.fn
+    return fn, tuners
+
+
+def _forget_compiled() -> None:
+    """Start from no compiled variant and no autotune result in this process (earlier GPU tests
+    compiled some), as a fresh server does; Triton's disk cache keeps recompiling fast."""
+    for fn in _jit_functions():
+        f, tuners = _unwrap(fn)
+        f.device_caches.clear()
+        for t in tuners:
+            t.cache.clear()
+
+
+def _counts() -> dict[str, tuple[int, int]]:
+    """Per kernel: (compiled variants, autotune cache entries)."""
+    out = {}
+    for fn in _jit_functions():
+        f, tuners = _unwrap(fn)
+        tuned = sum(len(t.cache) for t in tuners)
+        compiled = sum(len(entry[0]) for entry in f.device_caches.values())
+        out[f.__name__] = (compiled, tuned)
+    return out
+
+
+def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: torch.Tensor,
+         inv: torch.Tensor, table: torch.Tensor, grouped: torch.Tensor) -> None:
+    from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
+    from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
+
+    dev = "cuda"
+    b = make_batch(lens, news, HQ, HKV, D, page, dtype=torch.bfloat16, device=dev)
+    bufs = SeerBuffers.allocate(plan_batch(b.cu_seqlens_q.tolist(), lens, BS), HQ, HKV, D, dev)
+    bufs.set_topk(lens, sel)
+    seer_gate(b.q, b.k_cache, b.block_table, b.cu_seqlens_q, b.seq_lens, weight, inv, sel,
+              bufs, table, grouped)
+    out = torch.full_like(b.q, float("nan"))
+    sparse_prefill_paged(b.q, b.k_cache, b.v_cache, b.block_table, b.cu_seqlens_q, b.seq_lens,
+                         bufs.block_index, bufs.block_count, out, 1.0 / math.sqrt(D), BS,
+                         bufs.split)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), (lens, news)
+
+
+def _gate_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    inv = RopeSpec(D, 500000.0).inv_freq().to("cuda")
+    weight = torch.randn(HQ, 3 * D, D, device="cuda") / math.sqrt(3 * D)
+    return weight, inv, block_rope_table(inv, MAX_BLOCKS, BS), group_gate_weight(weight, HKV)
+
+
+@pytest.mark.parametrize("sel", [Selection("nz_ratio", 0.0, 0.1, True),
+                                 Selection("threshold", 5e-4, 0.0, False)], ids=["topk", "threshold"])
+@pytest.mark.parametrize("page", [16, 64])
+def test_no_compile_after_warm_up(page: int, sel: Selection) -> None:
+    from vllm_seer.kernels.planning import warm_up
+
+    weight, inv, table, grouped = _gate_inputs()
+    _forget_compiled()
+    warm_up(torch.bfloat16, HQ, HKV, D, page, weight, inv, sel, MAX_BLOCKS, "cuda", BS, 16384,
+            table, grouped)
+    torch.cuda.synchronize()
+    before = _counts()
+    assert all(c > 0 for c, _ in before.values()), f"the warm-up left kernels unbuilt: {before}"
+    cases = [([1000], [1000]), ([20000, 3000], [4096, 3000]), ([70001, 65], [777, 65]),
+             ([131072], [8192]), ([40000, 9000, 130], [40000, 1, 130])]
+    for lens, news in cases:
+        _run(lens, news, page, sel, weight, inv, table, grouped)
+        after = _counts()
+        grown = {k: (before[k], v) for k, v in after.items() if v != before[k]}
+        assert not grown, f"batch {lens}/{news} compiled or autotuned after the warm-up: {grown}"
+
+
+def test_counter_sees_an_unwarmed_variant() -> None:
+    """Control: a warm-up for 256 key blocks only leaves the 128k request's selection width
+    unbuilt, and the counts above see that request compile it."""
+    from vllm_seer.kernels.planning import warm_up
+
+    sel = Selection("nz_ratio", 0.0, 0.1, True)
+    weight, inv, table, grouped = _gate_inputs()
+    _forget_compiled()
+    warm_up(torch.bfloat16, HQ, HKV, D, 64, weight, inv, sel, 256, "cuda", BS, 16384, table,
+            grouped)
+    torch.cuda.synchronize()
+    before = _counts()
+    _run([131072], [8192], 64, sel, weight, inv, table, grouped)
+    after = _counts()
+    assert after["_select_kernel"][0] > before["_select_kernel"][0]
