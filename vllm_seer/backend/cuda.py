@@ -45,8 +45,13 @@ PREFERRED_PAGE_SIZE = 64
 
 
 class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
-    # full CUDA graphs for pure decode batches only (the Seer path runs eagerly)
-    _cudagraph_support = compat.attention_cg_support().UNIFORM_SINGLE_TOKEN_DECODE
+    # full CUDA graphs for uniform batches only, i.e. decodes of 1 query token, or of 1 + k under
+    # speculative decoding (verification rows): the routing keeps every row of up to
+    # ``decode_max_query_len`` (= 1 + k) tokens on the inherited FlashAttention path, so a uniform
+    # batch never reaches the Seer kernels; mixed batches with prefills run piecewise (the Seer
+    # path eagerly). UNIFORM_SINGLE_TOKEN_DECODE would leave speculative verification batches
+    # without full graphs.
+    _cudagraph_support = compat.attention_cg_support().UNIFORM_BATCH
     _steps = 0
 
     @classmethod
