@@ -59,9 +59,10 @@ def test_dequantize_reads_what_vllm_wrote(cache_dtype):
 def test_fp8_cache_dtypes_by_device():
     for dt in ("fp8", "fp8_e4m3", "fp8_e5m2", "auto", "bfloat16"):
         check_cache_dtype(dt, "cpu")
-    for dt in ("fp8", "fp8_e4m3"):
-        with pytest.raises(UnsupportedModelError, match="CUDA sparse kernels do not read FP8"):
-            check_cache_dtype(dt, "cuda")
+    for dt in ("fp8", "fp8_e4m3"):  # the CUDA kernels read e4m3 (tests/kernels/test_fp8_kv.py)
+        check_cache_dtype(dt, "cuda")
+    with pytest.raises(UnsupportedModelError, match=r"fp8_e5m2 is not supported on cuda .*only as"):
+        check_cache_dtype("fp8_e5m2", "cuda")
     with pytest.raises(UnsupportedModelError, match="fp8_inc is not supported on cpu"):
         check_cache_dtype("fp8_inc", "cpu")
     with pytest.raises(UnsupportedModelError, match="int8_per_token_head is not supported"):
@@ -69,6 +70,16 @@ def test_fp8_cache_dtypes_by_device():
     with pytest.raises(NotImplementedError, match="fp8_inc"):
         fp8_cache_dtype("fp8_inc")
     assert fp8_cache_dtype("auto") is None
+
+
+def test_cuda_fp8_flag_off_refuses_fp8(monkeypatch):
+    from vllm_seer import validate
+
+    monkeypatch.setattr(validate, "CUDA_FP8_KV", False)
+    for dt in ("fp8", "fp8_e4m3"):
+        with pytest.raises(UnsupportedModelError, match="CUDA sparse kernels do not read FP8"):
+            check_cache_dtype(dt, "cuda")
+    check_cache_dtype("fp8", "cpu")
 
 
 def test_cuda_fp8_flag_accepts_e4m3_only(monkeypatch):
