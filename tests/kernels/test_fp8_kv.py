@@ -19,7 +19,7 @@ from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefil
 
 from vllm_seer.rope import RopeSpec
 
-K_SCALE, V_SCALE, Q_SCALE = 0.02, 0.005, 0.04  # stored = x / scale: |x| <= ~4.5 -> <= 448 OK
+K_SCALE, V_SCALE, Q_SCALE = 0.03, 0.015, 0.04  # stored x / scale stays below e4m3 max 448
 
 # (seq_lens, n_new, Hq, Hkv, D, page_size, layout, block_size, density)
 ATTN_CASES = {
@@ -69,9 +69,8 @@ def _attn(case: tuple, q_dtype: torch.dtype, q_fp8: bool, split: tuple[int, int]
     out = nan.clone()
     got = sparse_prefill_paged(*args, out, scale, bs, work, **scales)
     assert got is out
-    live = torch.isfinite(ref)  # the reference leaves rows of an empty request's list as NaN
-    assert live.any() and not out.isnan().any()
-    torch.testing.assert_close(out.float()[live], ref.float()[live], rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(ref).all()  # every row's list holds its diagonal block
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     if work is not None:  # the split path really ran (and, with a small capacity, overflowed)
         n_split = int((count > split[0]).sum())
         taken = int((work.row_slot[:count.numel()] >= 0).sum())
