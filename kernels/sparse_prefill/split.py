@@ -11,6 +11,10 @@ slices in slot order (deterministic) into the output. Rows that fit in one slice
 find the workspace full (``capacity`` slots), run whole in one program. Nothing here syncs with
 the host: counts stay on the device, grids come from host-known bounds.
 
+With an FP8 cache the attention kernel multiplies a slice's ``acc`` by ``v_scale`` before storing
+it, so the merge here is the same for every cache dtype. Both kernels decode a row id with
+:func:`row_geometry` / :func:`query_tile`.
+
 Layouts: ``block_count`` ``[R]`` flattened ``[B, Hq, MQB]``; ``row_slot`` ``[R]`` int32 (first
 slot of a split row, ``-1`` otherwise); ``segs`` ``[capacity, 3]`` int32 ``(row, slice, nslices)``
 (``nslices == 0``: slot unused); ``acc`` ``[capacity, BLOCK, D]`` fp32; ``ml`` ``[capacity, 2,
