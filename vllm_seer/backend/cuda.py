@@ -35,6 +35,7 @@ from vllm_seer.backend.common import (
     build_step,
     finish_step,
     forward_dense,
+    take_rows,
 )
 from vllm_seer.backend.runtime import get_runtime
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate, warm_up
@@ -134,7 +135,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
         timer = StepTimer.for_step(md.step, cuda_events=True)
-        q = query.index_select(0, plan.token_rows)
+        q = take_rows(query, plan.token_rows)
         scales = fp8_scales(layer, q, self._fp8)
         out = torch.empty(q.shape, dtype=output.dtype, device=q.device)  # q may be float8
         t0 = timer.mark()  # CUDA events on the current stream: no host sync here
