@@ -24,12 +24,13 @@ complete block entirely in the past of the tile: those run without masks; only t
 masked.
 
 FP8 (``KV_FP8`` / ``Q_FP8``, compile-time switches: the 16-bit path is unchanged): K/V tiles are
-loaded as ``float8_e4m3fn`` (half the bytes of the memory-bound loads and of the shared-memory
-ring) and converted in registers to the dot dtype (the output's, bf16 / fp16); when the query is
-float8 too (vLLM's FlashAttention backend quantizes it with ``q_scale`` when the cache is FP8),
-``QK^T`` runs as an FP8 x FP8 dot on the float8 tiles as loaded. The scales cost nothing per
-element: ``q_scale * k_scale`` folds into the softmax scale, ``v_scale`` into the final
-normalisation (or into a slice's stored partial, so the combine kernel needs none).
+loaded as ``float8_e4m3fn`` (half the bytes of the loads and of the shared-memory ring) and
+converted in registers to ``DOT_DTYPE``, the query's 16-bit dtype (fp32 in the interpreter); when
+the query is float8 too (vLLM's FlashAttention backend quantizes it with ``q_scale`` when the cache
+is FP8), ``QK^T`` runs as an FP8 x FP8 dot on the tiles as loaded and V is converted to the
+output's dtype. The scales cost nothing per element of the loop: ``q_scale * k_scale`` folds into
+the softmax scale, ``v_scale`` multiplies the accumulator once at the end (before a slice's partial
+is stored, so the combine kernel needs none).
 """
 
 from __future__ import annotations
