@@ -14,6 +14,9 @@ Timed (``triton.testing.do_bench``, bf16):
   with the vLLM bundle): FlashAttention 3 (``vllm.vllm_flash_attn.flash_attn_varlen_func`` with
   ``block_table``, ``fa_version=3``) and the Triton unified attention kernel.
 
+FP8 KV cache (``--kv-dtype bf16,fp8``): the same cases also timed on an e4m3 cache with per-tensor
+scales, with a bf16 and an FP8 query (``benchmarks/bench_fp8.py``); bf16 is always the baseline.
+
 Usage: ``python benchmarks/bench_kernels.py --out benchmarks/results/kernels-h100.md``
 """
 
@@ -27,6 +30,7 @@ import platform
 import time
 from pathlib import Path
 
+import bench_fp8
 import torch
 import triton
 from flex_baseline import FLEX_CONFIGS, block_mask_dense, flex_block_mask, time_flex_configs
@@ -137,7 +141,7 @@ def _seer_lists(kind: str, dens: float, L: int, hq: int, dev: str, gate, bufs, r
 
 
 def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows: list[dict],
-             flex, vkernels, pages: tuple[int, ...], real_path: str) -> None:
+             flex, vkernels, pages: tuple[int, ...], real_path: str, fp8: bool = False) -> None:
     hq, hkv, d, theta = MODELS[model]
     dev = "cuda"
     dt = torch.bfloat16
@@ -155,6 +159,7 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
         v_cache[bt[0].long()] = flat_v.view(n_pages, page, hkv, d)
         caches[page] = (k_cache, v_cache, bt)
     k_cache, v_cache, bt = caches[pages[0]]
+    f8 = bench_fp8.fp8_caches(q, caches) if fp8 else None
     cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
     lens = torch.tensor([L], dtype=torch.int32, device=dev)
     inv = RopeSpec(d, theta).inv_freq().to(dev)
@@ -191,6 +196,7 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
     print(f"{model} {L} dense baselines (ms): {base}", flush=True)
     kt_g, vt_g = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     gate_ms: dict[float, float] = {}
+    gate8_ms: dict[float, float] = {}
     for kind, dens in cases:
         sel = Selection("nz_ratio", 0.0, dens, True)
         bufs.set_topk([L], sel)  # once per step, as the CUDA builder does
@@ -198,6 +204,9 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
         if dens not in gate_ms:  # the gate's cost does not depend on the values it selects from
             gate()
             gate_ms[dens] = _bench(gate, rep)
+            if f8 is not None:  # before _seer_lists: its gate() restores the bf16 selection
+                gate8_ms[dens] = bench_fp8.time_fp8_gate(
+                    _bench, rep, f8, (bt, cu, lens, weight, inv, sel, bufs), tabs)
         index, count = _seer_lists(kind, dens, L, hq, dev, gate, bufs, real_path)
         t_attn = {}
         for page, (kc, vc, btp) in caches.items():
@@ -205,6 +214,12 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
                                   sparse_prefill_paged(q, kc, vc, btp, cu, lens, ix, ct, out,
                                                        scale, BS, bufs.split), rep)
         attn = t_attn[pages[0]]
+        fp8_fields: dict[str, float] = {}
+        if f8 is not None:
+            fp8_fields = bench_fp8.time_fp8_attention(_bench, rep, q, f8, cu, lens, index, count,
+                                                      out, scale, BS, bufs.split)
+            fp8_fields.update(attn_fp8=fp8_fields[f"attn_fp8_p{pages[0]}"],
+                              gate_fp8=gate8_ms[dens])
         from vllm_seer.kernels.sparse_prefill.triton import _sparse_prefill_kernel
 
         tuned = str(_sparse_prefill_kernel.best_config)
@@ -249,7 +264,7 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
                          cudnn=base["cudnn"], flash=base["flash"], fa3=base["fa3"],
                          vtriton=base["vtriton"], flex=flex_ms, flex_best=flex_best,
                          flex_rel_err=err, flops=flops_dense, tuned_config=tuned,
-                         flops_comp=4.0 * d * BS * BS * blocks))
+                         flops_comp=4.0 * d * BS * BS * blocks, **fp8_fields))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
               flush=True)
 
@@ -392,6 +407,7 @@ def summarize(summary: dict, kinds: list[str]) -> dict:
     """Fill the goal figures of a summary from its rows (headline page, and every other page)."""
     rows, pages = summary["rows"], tuple(summary["pages"])
     summary["goals"] = goals(rows)
+    summary["goals_fp8"] = bench_fp8.fp8_goals(rows)
     summary["goals_by_selection"] = {k: goals(rows, k) for k in kinds}
     for page in pages[1:]:
         summary[f"goals_page{page}"] = {k: goals(rows, k, page) for k in kinds}
@@ -411,6 +427,8 @@ def main() -> None:
                     help="real gate selections (benchmarks/real_selections.py)")
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms) below 128k")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--kv-dtype", default="bf16",
+                    help="KV cache dtypes timed: bf16 (always, the baseline) and fp8 (e4m3)")
     ap.add_argument("--profile-gate", action="store_true", help="only profile the gate")
     ap.add_argument("--chunk", type=int, default=0,
                     help="only time one chunked-prefill step of this many rows at each --seqs")
@@ -450,6 +468,9 @@ def main() -> None:
                  "vLLM not importable on this host: vLLM FA3 / Triton-unified baselines skipped")
     pages = tuple(int(p) for p in args.pages.split(","))
     kinds = args.kinds.split(",")
+    kv_dtypes = set(args.kv_dtype.split(","))
+    if not kv_dtypes <= {"bf16", "fp8"}:
+        ap.error(f"--kv-dtype {args.kv_dtype}: expected a comma list of bf16, fp8")
     rows: list[dict] = []
     t0 = time.time()
     for model in args.models.split(","):
@@ -458,7 +479,7 @@ def main() -> None:
             cases += [(k, dd) for k in kinds if k != "random" for dd in (0.1, 0.05)]
             try:
                 run_case(model, L, args.rep if L < 131072 else 4 * args.rep, cases, rows, flex,
-                         vkernels, pages, args.real)
+                         vkernels, pages, args.real, "fp8" in kv_dtypes)
             except Exception as e:  # noqa: BLE001 - keep the other shapes
                 print(f"{model} {L}: failed: {type(e).__name__}: {e}"[:500], flush=True)
                 torch.cuda.empty_cache()
@@ -474,7 +495,7 @@ def main() -> None:
             f"the same target. FlexAttention: best of {len(FLEX_CONFIGS)} tile configs at the same "
             f"mask (benchmarks/flex_baseline.py; 1 config at density > 0.1). {vllm_note}. Wall "
             f"time {time.time() - t0:.0f} s. Generated by `benchmarks/bench_kernels.py`.")
-    text = _fmt(rows, meta, pages)
+    text = _fmt(rows, meta, pages) + bench_fp8.fmt_fp8(rows)
     with open(args.out, "w") as f:
         f.write(text)
     summary = {"device": torch.cuda.get_device_name(), "date": str(datetime.date.today()),
@@ -484,6 +505,8 @@ def main() -> None:
         json.dump(summary, f, indent=1)
     print(text)
     print(json.dumps(summary["goals"], indent=1))
+    if summary["goals_fp8"]:
+        print(json.dumps(summary["goals_fp8"], indent=1))
 
 
 if __name__ == "__main__":

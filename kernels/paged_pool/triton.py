@@ -6,7 +6,8 @@ the cache is read once and nothing but the pooled blocks is written: memory boun
 
 Grids come from the output shapes (no host sync): K ``(MKB, B)``, Q ``(MQB, B)``; a program
 loops over the heads so cos/sin are computed once per block; programs past their request's
-blocks exit at once.
+blocks exit at once. A ``float8_e4m3fn`` cache (query) is loaded as float8, converted to fp32 and
+multiplied by its scale, read in-kernel from vLLM's device tensor (``SCALED``: compile-time).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, scale_arg
 from vllm_seer.kernels.triton_common import cos_sin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -33,19 +35,30 @@ def _unrope(x1, x2, c, s):
     return x1 * c + x2 * s, x2 * c - x1 * s
 
 
-@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None})
+@triton.jit
+def _load_scaled(ptrs, mask, s_ptr, SCALED: tl.constexpr):
+    """fp32 values at ``ptrs`` (0 where masked), times the scale at ``s_ptr`` when ``SCALED``."""
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        x = x * tl.load(s_ptr)
+    return x
+
+
+@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
+                    "SCALED": lambda a: a["s_ptr"] is not None})
 @triton.autotune(configs=_configs(), key=["HALF", "PAGE_SIZE", "BLOCK"])
 @triton.jit(do_not_specialize=["MKB"])
 def _pool_k_kernel(
-    k_ptr, bt_ptr, lens_ptr, f_ptr, o_ptr,
+    k_ptr, bt_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
     MKB,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_btb, stride_btp,
     stride_ob, stride_on, stride_oh, stride_oc,
     HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
 ):
     # k: [P, PAGE_SIZE, HKV, 2*HALF]  out: [B, MKB, HKV, 6*HALF]; one program per (block, request)
+    # s: [1] fp32 scale of a float8 cache (SCALED only)
     kb = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
@@ -61,9 +74,10 @@ def _pool_k_kernel(
         cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
         for h in range(HKV):
             base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
-            x1 = tl.load(base[:, None] + offs[None, :] * stride_kd, mask=m2, other=0.0)
-            x2 = tl.load(base[:, None] + (offs[None, :] + HALF) * stride_kd, mask=m2, other=0.0)
-            y1, y2 = _unrope(x1.to(tl.float32), x2.to(tl.float32), c, sn)
+            x1 = _load_scaled(base[:, None] + offs[None, :] * stride_kd, m2, s_ptr, SCALED)
+            x2 = _load_scaled(base[:, None] + (offs[None, :] + HALF) * stride_kd, m2, s_ptr,
+                              SCALED)
+            y1, y2 = _unrope(x1, x2, c, sn)
             o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
             tl.store(o, tl.max(tl.where(m2, y1, float("-inf")), 0), mask=half_ok)
             tl.store(o + HALF * stride_oc, tl.max(tl.where(m2, y2, float("-inf")), 0),
@@ -78,16 +92,17 @@ def _pool_k_kernel(
                      mask=half_ok)
 
 
-@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None})
+@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
+                    "SCALED": lambda a: a["s_ptr"] is not None})
 @triton.autotune(configs=_configs(), key=["HALF", "BLOCK"])
 @triton.jit(do_not_specialize=["MQB"])
 def _pool_q_kernel(
-    q_ptr, cu_ptr, lens_ptr, f_ptr, o_ptr,
+    q_ptr, cu_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
     MQB,
     stride_qt, stride_qh, stride_qd,
     stride_ob, stride_on, stride_oh, stride_od,
     HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr,
+    HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
 ):
     # q: [T, HQ, 2*HALF]  out: [B, MQB, HQ, 2*HALF]; one program per (block, request)
     j = tl.program_id(0).to(tl.int64)
@@ -108,9 +123,10 @@ def _pool_q_kernel(
         cnt = tl.sum(ok.to(tl.float32), 0)
         for h in range(HQ):
             base = q_ptr + (q_lo + pos - start) * stride_qt + h * stride_qh
-            x1 = tl.load(base[:, None] + offs[None, :] * stride_qd, mask=m2, other=0.0)
-            x2 = tl.load(base[:, None] + (offs[None, :] + HALF) * stride_qd, mask=m2, other=0.0)
-            y1, y2 = _unrope(x1.to(tl.float32), x2.to(tl.float32), c, sn)
+            x1 = _load_scaled(base[:, None] + offs[None, :] * stride_qd, m2, s_ptr, SCALED)
+            x2 = _load_scaled(base[:, None] + (offs[None, :] + HALF) * stride_qd, m2, s_ptr,
+                              SCALED)
+            y1, y2 = _unrope(x1, x2, c, sn)
             o = o_ptr + b * stride_ob + j * stride_on + h * stride_oh + offs * stride_od
             tl.store(o, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt, mask=half_ok)
             tl.store(o + HALF * stride_od, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt, mask=half_ok)
@@ -123,25 +139,31 @@ def pool_k_paged(
     inv_freq: torch.Tensor | None,
     out: torch.Tensor,
     block_size: int = 64,
+    *,
+    k_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Pool every context key per block: ``out [B, MKB, Hkv, 3D]`` fp32 ``[max | min | avg]``.
 
     Args:
-        k_cache: ``[num_pages, page_size, Hkv, D]`` post-RoPE keys (any strides).
+        k_cache: ``[num_pages, page_size, Hkv, D]`` post-RoPE keys (any strides), 16/32-bit or
+            float8_e4m3fn.
         block_table: ``[B, max_pages]`` int32.
         seq_lens: ``[B]`` int32 context + new tokens.
         inv_freq: ``[D // 2]`` fp32 or ``None``.
         out: ``[B, MKB, Hkv, 3D]`` fp32, ``MKB >= ceil(max(seq_lens) / block_size)``.
         block_size: gate block size.
+        k_scale: vLLM's per-layer K scale (one fp32 value on the device), exactly for a float8
+            cache.
     Returns:
         ``out`` (entries past each request's blocks untouched).
     """
+    s = scale_arg(k_scale, "k_scale", check_dtype(k_cache, "k_cache"), k_cache.device)
     _, page_size, hkv, d = k_cache.shape
     bsz, mkb = out.shape[0], out.shape[1]
     if bsz == 0 or mkb == 0:
         return out
     _pool_k_kernel[(mkb, bsz)](
-        k_cache, block_table, seq_lens, inv_freq, out, mkb,
+        k_cache, block_table, seq_lens, inv_freq, s, out, mkb,
         *k_cache.stride(), *block_table.stride(), *out.stride(),
         HKV=hkv, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), PAGE_SIZE=page_size,
         BLOCK=block_size, LIBDEVICE=not INTERPRET,
@@ -156,25 +178,30 @@ def pool_q_varlen(
     inv_freq: torch.Tensor | None,
     out: torch.Tensor,
     block_size: int = 64,
+    *,
+    q_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Average this step's query rows per absolute block: ``out [B, MQB, Hq, D]`` fp32.
 
     Args:
-        q: ``[T, Hq, D]`` post-RoPE rows; request ``b`` at positions ``L_b - n_b .. L_b - 1``.
+        q: ``[T, Hq, D]`` post-RoPE rows; request ``b`` at positions ``L_b - n_b .. L_b - 1``
+            (16/32-bit or float8_e4m3fn).
         cu_seqlens_q: ``[B + 1]`` int32.
         seq_lens: ``[B]`` int32.
         inv_freq: ``[D // 2]`` fp32 or ``None``.
         out: ``[B, MQB, Hq, D]`` fp32; local block ``j`` is absolute block ``(L - n) // bs + j``.
         block_size: gate block size.
+        q_scale: the query's scale (one fp32 value on the device), exactly for a float8 query.
     Returns:
         ``out``.
     """
+    s = scale_arg(q_scale, "q_scale", check_dtype(q, "q"), q.device)
     hq, d = q.shape[1], q.shape[2]
     bsz, mqb = out.shape[0], out.shape[1]
     if bsz == 0 or mqb == 0:
         return out
     _pool_q_kernel[(mqb, bsz)](
-        q, cu_seqlens_q, seq_lens, inv_freq, out, mqb,
+        q, cu_seqlens_q, seq_lens, inv_freq, s, out, mqb,
         *q.stride(), *out.stride(),
         HQ=hq, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK=block_size,
         LIBDEVICE=not INTERPRET,

@@ -13,11 +13,15 @@ Layout conventions
   ``b`` is absolute block ``(seq_lens[b] - n_b) // block_size + j``.
 * ``block_index[b, h, j, :block_count[b, h, j]]`` lists the active key blocks of (request, query
   head, local query block); the rest is ``-1``. Causality inside the diagonal block is applied here.
+* FP8 (:mod:`.kv_fp8`): ``k_cache`` / ``v_cache`` (both or neither) and ``q`` may be
+  ``float8_e4m3fn``; each float8 input comes with its per-layer scale and is read as ``float8 *
+  scale``.
 """
 
 from __future__ import annotations
 
 import torch
+from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, check_presence, dequantize
 
 
 def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -47,6 +51,10 @@ def sparse_prefill_paged_ref(
     out: torch.Tensor,
     scale: float,
     block_size: int = 64,
+    *,
+    q_scale: torch.Tensor | float | None = None,
+    k_scale: torch.Tensor | float | None = None,
+    v_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of packed prefill rows over the paged cache.
 
@@ -61,9 +69,15 @@ def sparse_prefill_paged_ref(
         out: ``[T, Hq, D]`` written in place (rows of every request).
         scale: softmax scale.
         block_size: gate block size (tokens).
+        q_scale, k_scale, v_scale: per-layer scales, exactly for the ``float8_e4m3fn`` inputs
+            (0-dim / ``[1]`` fp32 tensors as vLLM keeps them, or floats).
     Returns:
         ``out``.
     """
+    kv_fp8 = check_fp8_kv(k_cache, v_cache)
+    check_presence(k_scale, "k_scale", kv_fp8)
+    check_presence(v_scale, "v_scale", kv_fp8)
+    check_presence(q_scale, "q_scale", check_dtype(q, "q"))
     hq, hkv = q.shape[1], k_cache.shape[2]
     group = hq // hkv
     cu = cu_seqlens_q.tolist()
@@ -73,17 +87,26 @@ def sparse_prefill_paged_ref(
         n = e - s
         if n == 0:
             continue
-        k = gather_paged(k_cache, block_table[b], L).to(torch.float32)
-        v = gather_paged(v_cache, block_table[b], L).to(torch.float32)
+        k = dequantize(gather_paged(k_cache, block_table[b], L), k_scale)
+        v = dequantize(gather_paged(v_cache, block_table[b], L), v_scale)
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
-        qf = q[s:e].to(torch.float32).transpose(0, 1)  # [Hq, n, D]
+        qf = dequantize(q[s:e], q_scale).transpose(0, 1)  # [Hq, n, D]
         allowed = _allowed(block_index[b], block_count[b], L, n, block_size, q.device)
         logits = torch.einsum("hnd,hld->hnl", qf, k) * scale
         logits = logits.masked_fill(~allowed, float("-inf"))
         p = torch.softmax(logits, dim=-1)
         out[s:e] = torch.einsum("hnl,hld->hnd", p, v).transpose(0, 1).to(out.dtype)
     return out
+
+
+def check_fp8_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Both caches ``float8_e4m3fn`` (``True``) or both 16/32-bit (``False``)."""
+    kv_fp8 = check_dtype(k_cache, "k_cache")
+    if check_dtype(v_cache, "v_cache") != kv_fp8:
+        raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}: both or "
+                        "neither must be float8_e4m3fn")
+    return kv_fp8
 
 
 def _allowed(index: torch.Tensor, count: torch.Tensor, L: int, n: int, block_size: int,

@@ -11,6 +11,10 @@ slices in slot order (deterministic) into the output. Rows that fit in one slice
 find the workspace full (``capacity`` slots), run whole in one program. Nothing here syncs with
 the host: counts stay on the device, grids come from host-known bounds.
 
+With an FP8 cache the attention kernel multiplies a slice's ``acc`` by ``v_scale`` before storing
+it, so the merge here is the same for every cache dtype. Both kernels decode a row id with
+:func:`row_geometry` / :func:`query_tile`.
+
 Layouts: ``block_count`` ``[R]`` flattened ``[B, Hq, MQB]``; ``row_slot`` ``[R]`` int32 (first
 slot of a split row, ``-1`` otherwise); ``segs`` ``[capacity, 3]`` int32 ``(row, slice, nslices)``
 (``nslices == 0``: slot unused); ``acc`` ``[capacity, BLOCK, D]`` fp32; ``ml`` ``[capacity, 2,
@@ -66,6 +70,34 @@ class SplitWork:
                    split_blocks)
 
 
+@triton.jit
+def row_geometry(row, cu_ptr, lens_ptr, MQB, HQ: tl.constexpr, BLOCK: tl.constexpr):
+    """Decode a row id of the flattened ``[B, HQ, MQB]`` grid of (request, query head, local query
+    block): ``(j, h, b, q_lo, start, seq_len, qb, nqb)``: its local query block, query head and
+    request, the request's first packed query row, the first and past-the-last position of its
+    rows, the absolute query block ``qb = start // BLOCK + j`` and the request's local query blocks
+    (``j < nqb`` holds for a real row; ``nqb`` is 0 when the request has no rows this step)."""
+    j = row % MQB
+    h = ((row // MQB) % HQ).to(tl.int64)
+    b = (row // (MQB * HQ)).to(tl.int64)
+    q_lo = tl.load(cu_ptr + b).to(tl.int64)
+    n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
+    seq_len = tl.load(lens_ptr + b).to(tl.int64)
+    start = seq_len - n
+    qb0 = start // BLOCK
+    nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
+    return j, h, b, q_lo, start, seq_len, qb0 + j, nqb
+
+
+@triton.jit
+def query_tile(qb, start, seq_len, q_lo, BLOCK: tl.constexpr):
+    """``[BLOCK]`` absolute positions of query block ``qb``, which of them are this step's rows,
+    and their packed row indices (garbage where not present)."""
+    pos_q = qb * BLOCK + tl.arange(0, BLOCK)
+    row_ok = (pos_q >= start) & (pos_q < seq_len)
+    return pos_q, row_ok, q_lo + pos_q - start
+
+
 @triton.jit(do_not_specialize=["R", "SEG", "CAP"])  # R: rows of the batch, varies
 def _plan_kernel(cnt_ptr, row_slot_ptr, seg_ptr, counter_ptr, R, SEG, CAP, BR: tl.constexpr):
     # one program per BR rows: one atomic for all its split rows, slots handed out in row order
@@ -102,15 +134,9 @@ def _combine_kernel(
         s = tl.load(seg_ptr + t * 3 + 1)
         nseg = tl.load(seg_ptr + t * 3 + 2)
         if (s == 0) & (nseg > 0):
-            j = row % MQB
-            h = ((row // MQB) % HQ).to(tl.int64)
-            b = (row // (MQB * HQ)).to(tl.int64)
-            q_lo = tl.load(cu_ptr + b).to(tl.int64)
-            n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
-            seq_len = tl.load(lens_ptr + b).to(tl.int64)
-            start = seq_len - n
-            pos_q = (start // BLOCK + j) * BLOCK + tl.arange(0, BLOCK)
-            row_ok = (pos_q >= start) & (pos_q < seq_len)
+            _, h, _, q_lo, start, seq_len, qb, _ = row_geometry(row, cu_ptr, lens_ptr, MQB, HQ,
+                                                                 BLOCK)
+            pos_q, row_ok, q_rows = query_tile(qb, start, seq_len, q_lo, BLOCK)
             offs_m = tl.arange(0, BLOCK)
             offs_d = tl.arange(0, BLOCK_D)
             m_all = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
@@ -127,7 +153,6 @@ def _combine_kernel(
                             + offs_d[None, :])
                 o += a * w[:, None]
             o = o / tl.where(l_all > 0, l_all, 1.0)[:, None]
-            q_rows = q_lo + pos_q - start
             o_ptrs = (o_ptr + q_rows[:, None] * stride_ot + h * stride_oh
                       + offs_d[None, :] * stride_od)
             tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty),

@@ -22,6 +22,15 @@ pages of at least one gate block (``page_size % block == 0``) a key block is one
 page: one page id per block instead of one per token. Every entry but a final diagonal one is a
 complete block entirely in the past of the tile: those run without masks; only the diagonal block is
 masked.
+
+FP8 (``KV_FP8`` / ``Q_FP8``, compile-time switches: the 16-bit path is unchanged): K/V tiles are
+loaded as ``float8_e4m3fn`` (half the bytes of the loads and of the shared-memory ring) and
+converted in registers to ``DOT_DTYPE``, the query's 16-bit dtype (fp32 in the interpreter); when
+the query is float8 too (vLLM's FlashAttention backend quantizes it with ``q_scale`` when the cache
+is FP8), ``QK^T`` runs as an FP8 x FP8 dot on the tiles as loaded and V is converted to the
+output's dtype. The scales cost nothing per element of the loop: ``q_scale * k_scale`` folds into
+the softmax scale, ``v_scale`` multiplies the accumulator once at the end (before a slice's partial
+is stored, so the combine kernel needs none).
 """
 
 from __future__ import annotations
@@ -31,9 +40,18 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vllm_seer.kernels.sparse_prefill.split import SplitWork, combine_splits, plan_splits
+from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, scale_arg
+from vllm_seer.kernels.sparse_prefill.naive import check_fp8_kv
+from vllm_seer.kernels.sparse_prefill.split import (
+    SplitWork,
+    combine_splits,
+    plan_splits,
+    query_tile,
+    row_geometry,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def _configs() -> list[triton.Config]:
@@ -78,11 +96,18 @@ def _load_v(v_base, tok, dv, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
 
 @triton.jit
 def _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.constexpr,
-                         DOT_FP32: tl.constexpr):
-    """One ``[BLOCK, BLOCK]`` key tile of the online softmax; ``ok`` masks (diagonal only)."""
+                         DOT_FP32: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr):
+    """One ``[BLOCK, BLOCK]`` key tile of the online softmax; ``ok`` masks (diagonal only).
+    ``DOT_DTYPE``: what float8 K (unless ``FP8_QK``: float8 q and K dot as they are) and V tiles
+    are converted to."""
     if DOT_FP32:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
+    elif KV_FP8:
+        if not FP8_QK:
+            kt = kt.to(DOT_DTYPE)
+        v = v.to(DOT_DTYPE)
     s = tl.dot(q, kt) * qk_scale  # [BLOCK, N], log2 domain
     if MASKED:
         s = tl.where(ok, s, float("-inf"))
@@ -99,7 +124,7 @@ def _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.const
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     bt_ptr, cu_ptr, lens_ptr, idx_ptr, cnt_ptr,
-    row_slot_ptr, seg_ptr, counter_ptr, pacc_ptr, pml_ptr,
+    row_slot_ptr, seg_ptr, counter_ptr, pacc_ptr, pml_ptr, qs_ptr, ks_ptr, vs_ptr,
     scale, MQB, MKB, NB, NSEG_GRID, SEG, CAP,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_kt, stride_kh, stride_kd,
@@ -108,9 +133,11 @@ def _sparse_prefill_kernel(
     stride_btb, stride_btp,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
     # NB = B * HQ; programs [0, NSEG_GRID) run split slices, the rest whole rows (heaviest first)
+    # qs/ks/vs: [1] fp32 scales of float8 q / K / V (read only under Q_FP8 / KV_FP8)
     pid = tl.program_id(0)
     if SPLIT and pid < NSEG_GRID:
         used = tl.minimum(tl.load(counter_ptr), CAP)
@@ -132,29 +159,24 @@ def _sparse_prefill_kernel(
         if SPLIT:
             valid = tl.load(row_slot_ptr + row) < 0
         is_slice = False
-    j = row % MQB
-    h = ((row // MQB) % HQ).to(tl.int64)
-    b = (row // (MQB * HQ)).to(tl.int64)
-    q_lo = tl.load(cu_ptr + b).to(tl.int64)
-    n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
-    seq_len = tl.load(lens_ptr + b).to(tl.int64)
-    start = seq_len - n
-    qb0 = start // BLOCK
-    nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
+    j, h, b, q_lo, start, seq_len, qb, nqb = row_geometry(row, cu_ptr, lens_ptr, MQB, HQ, BLOCK)
     if valid & (j < nqb):
         kvh = h // GROUP
-        qb = qb0 + j
         offs_m = tl.arange(0, BLOCK)
-        pos_q = qb * BLOCK + offs_m  # [BLOCK] absolute positions
-        row_ok = (pos_q >= start) & (pos_q < seq_len)
+        pos_q, row_ok, q_rows = query_tile(qb, start, seq_len, q_lo, BLOCK)  # [BLOCK] each
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        q_rows = q_lo + pos_q - start
         q_ptrs = q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
+        elif Q_FP8 and not FP8_QK:
+            q = q.to(DOT_DTYPE)
         qk_scale = scale * 1.4426950408889634  # fold log2(e): exp2 below
+        if Q_FP8:
+            qk_scale = qk_scale * tl.load(qs_ptr)
+        if KV_FP8:
+            qk_scale = qk_scale * tl.load(ks_ptr)
         m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
@@ -189,7 +211,7 @@ def _sparse_prefill_kernel(
             tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
                                    PAGE_SIZE, BLOCK)
             acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True, False,
-                                                 DOT_FP32)
+                                                 DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
         if n_full < hi:  # the diagonal block: may run past the request's last token
             pos_k = last.to(tl.int64) * BLOCK + offs_m
             k_ok = pos_k < seq_len
@@ -202,7 +224,9 @@ def _sparse_prefill_kernel(
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             ok = k_ok[None, :] & (pos_k[None, :] <= pos_q[:, None])
             acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,
-                                                 DOT_FP32)
+                                                 DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
+        if KV_FP8:  # V = float8 * v_scale: linear, so once on the accumulator
+            acc = acc * tl.load(vs_ptr)
         if is_slice:  # unnormalised partial result of this slice (merged by the combine kernel)
             slot = t.to(tl.int64)
             p_ptrs = pacc_ptr + slot * BLOCK * BLOCK_D + offs_m[:, None] * BLOCK_D
@@ -230,26 +254,49 @@ def sparse_prefill_paged(
     scale: float,
     block_size: int = 64,
     work: SplitWork | None = None,
+    *,
+    q_scale: torch.Tensor | float | None = None,
+    k_scale: torch.Tensor | float | None = None,
+    v_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of packed prefill rows over the paged cache (Triton).
 
     Args:
-        q: ``[T, Hq, D]`` query rows (post-RoPE), bf16/fp16/fp32.
-        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` views (any strides).
+        q: ``[T, Hq, D]`` query rows (post-RoPE), bf16/fp16/fp32, or float8_e4m3fn (with
+            ``q_scale``, over a float8 cache only).
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` views (any strides), both the
+            16/32-bit dtype of the dots or both float8_e4m3fn (with ``k_scale`` / ``v_scale``).
         block_table: ``[B, max_pages]`` int32.
         cu_seqlens_q: ``[B + 1]`` int32 row offsets into ``q``.
         seq_lens: ``[B]`` int32 context + new tokens.
         block_index: ``[B, Hq, MQB, MKB]`` int32, ``-1`` padded, contiguous.
         block_count: ``[B, Hq, MQB]`` int32, contiguous.
-        out: ``[T, Hq, D]`` written in place (rows of every request; other rows untouched).
+        out: ``[T, Hq, D]`` bf16/fp16/fp32, written in place (rows of every request; other rows
+            untouched).
         scale: softmax scale.
         block_size: gate block size (tokens); also the query and key tile.
         work: workspace for splitting long rows (:class:`SplitWork`, reused across calls; one
             with the default split length and capacity is allocated when ``None`` and a row could
             be longer than the split length).
+        q_scale, k_scale, v_scale: vLLM's per-layer scales of the float8 inputs (one fp32 value on
+            the device each, read in-kernel: no host sync), exactly for the float8 inputs.
     Returns:
         ``out``.
     """
+    kv_fp8 = check_fp8_kv(k_cache, v_cache)
+    q_fp8 = check_dtype(q, "q")
+    if q_fp8 and not kv_fp8:
+        raise TypeError(f"q is float8_e4m3fn over a {k_cache.dtype} cache: a float8 query needs a "
+                        "float8 cache")
+    if out.dtype not in DOT_DTYPES:
+        raise TypeError(f"out is {out.dtype}; expected one of {list(DOT_DTYPES)}")
+    dev = q.device
+    scales = [scale_arg(s, n, f, dev) for s, n, f in ((q_scale, "q_scale", q_fp8),
+                                                     (k_scale, "k_scale", kv_fp8),
+                                                     (v_scale, "v_scale", kv_fp8))]
+    dot_fp32 = INTERPRET or q.dtype == torch.float32
+    # float8 tiles are converted to the query's dtype (a float8 query: the output's)
+    dot_dtype = DOT_DTYPES[out.dtype if q_fp8 else q.dtype]
     _, hq, d = q.shape
     hkv, page_size = k_cache.shape[2], k_cache.shape[1]
     bsz, _, mqb, mkb = block_index.shape
@@ -273,14 +320,15 @@ def sparse_prefill_paged(
     else:
         nseg_grid, seg, cap = 0, mkb, 1
         ws = (block_count, block_count, block_count, out, out)  # unused (SPLIT=False)
+    scales = [block_count if s is None else s for s in scales]  # unused where None
     _sparse_prefill_kernel[(nseg_grid + rows,)](
         q, k_cache, v_cache, out,
-        block_table, cu_seqlens_q, seq_lens, block_index, block_count, *ws,
+        block_table, cu_seqlens_q, seq_lens, block_index, block_count, *ws, *scales,
         float(scale), mqb, mkb, bsz * hq, nseg_grid, seg, cap,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
         HQ=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        PAGE_SIZE=page_size, BLOCK=block_size, DOT_FP32=INTERPRET or q.dtype == torch.float32,
-        SPLIT=split,
+        PAGE_SIZE=page_size, BLOCK=block_size, DOT_FP32=dot_fp32, SPLIT=split, Q_FP8=q_fp8,
+        KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8 and not dot_fp32, DOT_DTYPE=dot_dtype,
     )
     if split:
         combine_splits(out, cu_seqlens_q, seq_lens, mqb, work, block_size)

@@ -75,3 +75,27 @@ def random_block_masks(seq_lens: list[int], n_new: list[int], hq: int, block_siz
         m &= kb[None, None, :] <= qb[None, :, None]
         masks.append(m)
     return masks
+
+
+def to_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x / scale`` as ``float8_e4m3fn`` over uint8 storage with ``x``'s shape and strides (how
+    vLLM keeps an FP8 cache: uint8 viewed as float8)."""
+    raw = torch.empty_strided(x.shape, x.stride(), dtype=torch.uint8, device=x.device)
+    fp8 = raw.view(torch.float8_e4m3fn)
+    fp8.copy_((x.float() / scale).to(torch.float8_e4m3fn))
+    return fp8
+
+
+def fp8_batch(batch: PagedBatch, k_scale: float, v_scale: float,
+              q_scale: float | None = None) -> PagedBatch:
+    """The batch with its caches (and, with ``q_scale``, its query) quantized to FP8 (strides kept;
+    ``keys`` are the dequantized keys)."""
+    k8, v8 = to_fp8(batch.k_cache, k_scale), to_fp8(batch.v_cache, v_scale)
+    q = batch.q if q_scale is None else to_fp8(batch.q, q_scale)
+    keys = []
+    for b, L in enumerate(batch.seq_lens.tolist()):
+        page = k8.shape[1]
+        ids = batch.block_table[b, :-(-L // page)].long()
+        keys.append(k8[ids].float().reshape(-1, *k8.shape[2:])[:L] * k_scale)
+    return PagedBatch(q, k8, v8, batch.block_table, batch.cu_seqlens_q, batch.seq_lens, keys,
+                      batch.n_new)

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from _paged import make_batch
+from _paged import fp8_batch, make_batch
 
 from vllm_seer.gate import Selection, block_rope_table, group_gate_weight
 from vllm_seer.rope import RopeSpec
@@ -67,20 +67,25 @@ def _counts() -> dict[str, tuple[int, int]]:
 
 
 def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: torch.Tensor,
-         inv: torch.Tensor, table: torch.Tensor, grouped: torch.Tensor) -> None:
+         inv: torch.Tensor, table: torch.Tensor, grouped: torch.Tensor, fp8: bool = False) -> None:
+    """``fp8``: an FP8 cache and query (as vLLM's FlashAttention FP8 path hands them)."""
     from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
     dev = "cuda"
     b = make_batch(lens, news, HQ, HKV, D, page, dtype=torch.bfloat16, device=dev)
+    scales: dict[str, torch.Tensor] = {}
+    if fp8:
+        b = fp8_batch(b, 0.03, 0.03, 0.03)
+        scales = {f"{n}_scale": torch.tensor(0.03, device=dev) for n in "qkv"}
     bufs = SeerBuffers.allocate(plan_batch(b.cu_seqlens_q.tolist(), lens, BS), HQ, HKV, D, dev)
     bufs.set_topk(lens, sel)
     seer_gate(b.q, b.k_cache, b.block_table, b.cu_seqlens_q, b.seq_lens, weight, inv, sel,
-              bufs, table, grouped)
-    out = torch.full_like(b.q, float("nan"))
+              bufs, table, grouped, q_scale=scales.get("q_scale"), k_scale=scales.get("k_scale"))
+    out = torch.full(b.q.shape, float("nan"), dtype=torch.bfloat16, device=dev)
     sparse_prefill_paged(b.q, b.k_cache, b.v_cache, b.block_table, b.cu_seqlens_q, b.seq_lens,
                          bufs.block_index, bufs.block_count, out, 1.0 / math.sqrt(D), BS,
-                         bufs.split)
+                         bufs.split, **scales)
     torch.cuda.synchronize()
     assert not out.isnan().any(), (lens, news)
 
@@ -93,21 +98,23 @@ def _gate_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("sel", [Selection("nz_ratio", 0.0, 0.1, True),
                                  Selection("threshold", 5e-4, 0.0, False)], ids=["topk", "threshold"])
-@pytest.mark.parametrize("page", [16, 64])
-def test_no_compile_after_warm_up(page: int, sel: Selection) -> None:
+@pytest.mark.parametrize("page,fp8", [(16, False), (64, False), (64, True)],
+                         ids=["p16", "p64", "p64-fp8"])
+def test_no_compile_after_warm_up(page: int, fp8: bool, sel: Selection) -> None:
     from vllm_seer.kernels.planning import warm_up
 
     weight, inv, table, grouped = _gate_inputs()
     _forget_compiled()
-    warm_up(torch.bfloat16, HQ, HKV, D, page, weight, inv, sel, MAX_BLOCKS, "cuda", BS, 16384,
-            table, grouped)
+    f8 = torch.float8_e4m3fn
+    warm_up(f8 if fp8 else torch.bfloat16, HQ, HKV, D, page, weight, inv, sel, MAX_BLOCKS, "cuda",
+            BS, 16384, table, grouped, kv_dtype=f8 if fp8 else None, out_dtype=torch.bfloat16)
     torch.cuda.synchronize()
     before = _counts()
     assert all(c > 0 for c, _ in before.values()), f"the warm-up left kernels unbuilt: {before}"
     cases = [([1000], [1000]), ([20000, 3000], [4096, 3000]), ([70001, 65], [777, 65]),
              ([131072], [8192]), ([40000, 9000, 130], [40000, 1, 130])]
     for lens, news in cases:
-        _run(lens, news, page, sel, weight, inv, table, grouped)
+        _run(lens, news, page, sel, weight, inv, table, grouped, fp8)
         after = _counts()
         grown = {k: (before[k], v) for k, v in after.items() if v != before[k]}
         assert not grown, f"batch {lens}/{news} compiled or autotuned after the warm-up: {grown}"

@@ -166,6 +166,14 @@ def build_step(inherited_build: Callable[[int, Any, bool], Any], common_prefix_l
     return md
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` along dim 0. A float8 tensor (vLLM's FP8 query) is gathered as its bytes: not
+    every indexing kernel of every torch build takes float8."""
+    if x.element_size() == 1 and x.is_floating_point():
+        return x.view(torch.uint8).index_select(0, rows).view(x.dtype)
+    return x.index_select(0, rows)
+
+
 def forward_dense(inherited_forward: Callable[..., Any], md: SeerStepMetadata, dense_layer: bool,
                   layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   kv_cache: torch.Tensor, output: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
@@ -185,8 +193,8 @@ def forward_dense(inherited_forward: Callable[..., Any], md: SeerStepMetadata, d
                               output[:n], *args, **kwargs)
         else:
             out = torch.empty_like(output[:n])
-            inherited_forward(layer, query[rows], key[rows], value[rows], kv_cache, md.dense,
-                              out, *args, **kwargs)
+            inherited_forward(layer, take_rows(query, rows), key[rows], value[rows], kv_cache,
+                              md.dense, out, *args, **kwargs)
             output[rows] = out
     return False
 

@@ -6,7 +6,7 @@
 * host copies of per-request lengths in ``CommonAttentionMetadata`` (field names moved);
 * slicing a ``CommonAttentionMetadata`` to a subset of requests;
 * the widest query a decode row has under speculative decoding (the verification row);
-* per-layer KV cache views for each platform's layout;
+* per-layer KV cache views for each platform's layout, and the per-layer FP8 scales;
 * this worker's tensor-parallel rank and pipeline stage, and the stage-to-layer mapping.
 """
 
@@ -189,17 +189,25 @@ def cpu_kv_views(kv_cache: torch.Tensor, isa: str = "vec") -> tuple[torch.Tensor
     return k, v
 
 
-def cuda_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cuda_kv_views(kv_cache: torch.Tensor, head_size: int, fp8: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention cache → K and V views ``[num_blocks, page, Hkv, D]``.
 
     vLLM 0.26 (read in its ``flash_attn.py``): logical ``[num_blocks, Hkv, page, 2D]`` with K and V
     packed in the last dim, split the way its ``FlashAttentionImpl`` does; the older layout
-    ``[2, num_blocks, page, Hkv, D]`` is unbound.
+    ``[2, num_blocks, page, Hkv, D]`` is unbound. ``fp8``: an FP8 cache is uint8 in vLLM; the views
+    are reinterpreted as that float8 dtype (:func:`fp8_cache_dtype`), as ``FlashAttentionImpl``
+    does before its kernels read them.
     """
     if kv_cache.dim() == 5:
         k, v = kv_cache.unbind(0)
-        return k, v
-    k, v = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    else:
+        k, v = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    if fp8 is not None:
+        if kv_cache.element_size() != 1:
+            raise TypeError(f"Seer backend: an FP8 KV cache must be 1-byte storage, this one is "
+                            f"{kv_cache.dtype}")
+        k, v = k.view(fp8), v.view(fp8)
     return k, v
 
 
@@ -222,6 +230,22 @@ def kv_scales(layer: Any) -> tuple[float, float]:
     """vLLM's per-layer K / V cache scales (``Attention._k_scale_float`` / ``_v_scale_float``, in
     every supported release; 1.0 unless the checkpoint or ``--calculate-kv-scales`` set them)."""
     return float(layer._k_scale_float), float(layer._v_scale_float)
+
+
+def kv_scale_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's per-layer Q / K / V scales as the 0-dim fp32 device tensors its ``Attention`` layer
+    keeps (``_q_scale`` / ``_k_scale`` / ``_v_scale`` buffers, 0.26 … 0.33; updated in place when
+    ``--calculate-kv-scales`` computes them), for the kernels to read in-kernel: unlike
+    :func:`kv_scales` nothing is copied to the host. The kernels refuse a scale of more than one
+    value (per-head scales)."""
+    names = ("_q_scale", "_k_scale", "_v_scale")
+    scales = tuple(getattr(layer, name, None) for name in names)
+    for name, t in zip(names, scales, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise NotImplementedError(f"Seer backend: attention layer "
+                                      f"{getattr(layer, 'layer_name', '?')} has no {name} tensor "
+                                      "(vLLM's per-layer FP8 scale)")
+    return scales  # type: ignore[return-value]
 
 
 def fp8_cache_dtype(cache_dtype: str) -> torch.dtype | None:

@@ -6,6 +6,11 @@ inherited impl on their own sub-batch; Seer rows go through the Triton gate and 
 per-layer path only launches kernels (no ``.item()``, no allocation besides the sub-batch gather when
 the dense rows are not a prefix of the batch). Full CUDA graphs are declared for pure decode batches
 only; mixed and prefill batches run eagerly between graph pieces.
+
+FP8 KV cache (``--kv-cache-dtype fp8`` / ``fp8_e4m3``): the kernels read the uint8 cache as
+``float8_e4m3fn`` with the layer's ``_k_scale`` / ``_v_scale`` device tensors (no host copy of a
+scale). vLLM's attention layer then quantizes the query to float8 with ``_q_scale`` before the impl
+sees it (FlashAttention's FP8 path needs an FP8 query); the Seer kernels read that query as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from vllm_seer.backend.common import (
     build_step,
     finish_step,
     forward_dense,
+    take_rows,
 )
 from vllm_seer.backend.runtime import get_runtime
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate, warm_up
@@ -85,8 +91,10 @@ class SeerCUDAImpl(FlashAttentionImpl):
                     torch.device(f"cuda:{torch.cuda.current_device()}"))
         self._page_size = int(cfg.cache_config.block_size)
         self._layer: int | None = None
+        # None: a 16-bit cache; e4m3 for fp8 / fp8_e4m3 (start-up refused the other encodings)
+        self._fp8 = compat.fp8_cache_dtype(str(self.kv_cache_dtype))
 
-    def _warm_up(self, dtype: torch.dtype) -> None:
+    def _warm_up(self, dtype: torch.dtype, out_dtype: torch.dtype) -> None:
         """Compile and autotune every Seer kernel variant during vLLM's profiling run
         (:func:`vllm_seer.kernels.planning.warm_up`: this model's heads, page size, dtype and
         longest request), so no user request compiles or autotunes (otherwise ~25 s on an H100
@@ -104,7 +112,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         warm_up(dtype, self.num_heads, self.num_kv_heads, self.head_size, self._page_size,
                 rt.weights[layer], rt.inv_freq, rt.config.selection, max_blocks,
                 rt.inv_freq.device, rt.block_size, WARMUP_TOKENS, rt.block_rope,
-                rt.grouped_weights[layer])
+                rt.grouped_weights[layer], kv_dtype=self._fp8 or out_dtype, out_dtype=out_dtype)
         torch.cuda.synchronize()
         logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic prefills on %d-token "
                     "pages, selection widths up to %d key blocks)", time.perf_counter() - t0,
@@ -116,7 +124,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
                 output_block_scale: torch.Tensor | None = None,
                 *args: Any, **kwargs: Any) -> torch.Tensor:
         if attn_metadata is None:  # profiling run: compile + autotune the Seer kernels once
-            self._warm_up(query.dtype)
+            self._warm_up(query.dtype, output.dtype)
             return output
         md = attn_metadata
         rt = get_runtime()
@@ -128,20 +136,22 @@ class SeerCUDAImpl(FlashAttentionImpl):
             return output
         plan, bufs = md.plan, md.bufs
         assert bufs is not None
-        k_cache, v_cache = compat.cuda_kv_views(kv_cache, self.head_size)
+        k_cache, v_cache = compat.cuda_kv_views(kv_cache, self.head_size, self._fp8)
         from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
         timer = StepTimer.for_step(md.step, cuda_events=True)
-        q = query.index_select(0, plan.token_rows)
-        out = torch.empty_like(q)
+        q = take_rows(query, plan.token_rows)
+        scales = fp8_scales(layer, q, self._fp8)
+        out = torch.empty(q.shape, dtype=output.dtype, device=q.device)  # q may be float8
         t0 = timer.mark()  # CUDA events on the current stream: no host sync here
         seer_gate(q, k_cache, plan.block_table, plan.cu_seqlens_q, plan.seq_lens,
                   rt.weights[self._layer], rt.inv_freq, rt.config.selection, bufs,
-                  rt.block_rope, rt.grouped_weights[self._layer])
+                  rt.block_rope, rt.grouped_weights[self._layer], q_scale=scales["q_scale"],
+                  k_scale=scales["k_scale"])
         t1 = timer.mark()
         sparse_prefill_paged(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
                              plan.seq_lens, bufs.block_index, bufs.block_count, out, self.scale,
-                             bufs.plan.block_size, bufs.split)
+                             bufs.plan.block_size, bufs.split, **scales)
         t2 = timer.mark()
         output.index_copy_(0, plan.token_rows, out)
         computed = bufs.block_count.sum(dim=(1, 2)).to(torch.int64)
@@ -150,6 +160,18 @@ class SeerCUDAImpl(FlashAttentionImpl):
         if self._layer == rt.last_sparse_layer:
             finish_step(rt, plan, timer)  # events resolved at flush time (WorkerStats)
         return output
+
+
+def fp8_scales(layer: Any, q: torch.Tensor, fp8: torch.dtype | None
+               ) -> dict[str, torch.Tensor | None]:
+    """The kernels' ``q_scale`` / ``k_scale`` / ``v_scale``: the layer's device tensors for the
+    float8 inputs (the cache when ``fp8``, the query when vLLM quantized it), ``None`` otherwise."""
+    if fp8 is None and q.dtype != torch.float8_e4m3fn:
+        return {"q_scale": None, "k_scale": None, "v_scale": None}
+    q_s, k_s, v_s = compat.kv_scale_tensors(layer)
+    kv = fp8 is not None
+    return {"q_scale": q_s if q.dtype == torch.float8_e4m3fn else None,
+            "k_scale": k_s if kv else None, "v_scale": v_s if kv else None}
 
 
 class SeerCUDABackend(FlashAttentionBackend):
