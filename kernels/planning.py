@@ -114,6 +114,9 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
               q_scale: torch.Tensor | None = None, k_scale: torch.Tensor | None = None) -> None:
     """Pool (RoPE undone), score and select: fills ``bufs.block_index`` / ``bufs.block_count``.
 
+    Four launches with the start-up tables and a per-step ``bufs.topk``: the pooling of K and Q
+    (:func:`pool_qk`), the projection (cuBLAS), the scores and the selection.
+
     Args:
         q: ``[T, Hq, D]`` post-RoPE rows; k_cache ``[P, page, Hkv, D]``; weight ``[Hq, 3D, G]``.
         rope_table, grouped_weight: the start-up tables of
@@ -121,11 +124,11 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
         q_scale, k_scale: scales of a float8 query / cache (the gate pools dequantized values).
     """
     from vllm_seer.kernels.block_select.triton import block_select
-    from vllm_seer.kernels.paged_pool.triton import pool_k_paged, pool_q_varlen
+    from vllm_seer.kernels.paged_pool.triton import pool_qk
 
     bs = bufs.plan.block_size
-    pool_k_paged(k_cache, block_table, seq_lens, inv_freq, bufs.k_pooled, bs, k_scale=k_scale)
-    pool_q_varlen(q, cu_seqlens_q, seq_lens, inv_freq, bufs.q_pooled, bs, q_scale=q_scale)
+    pool_qk(k_cache, block_table, q, cu_seqlens_q, seq_lens, inv_freq, bufs.k_pooled,
+            bufs.q_pooled, bs, k_scale=k_scale, q_scale=q_scale)
     block_select(bufs.q_pooled, bufs.k_pooled, weight, inv_freq, cu_seqlens_q, seq_lens, sel,
                  bufs.block_index, bufs.block_count, bs, bufs.scores, bufs.topk, rope_table,
                  grouped_weight)

@@ -103,3 +103,24 @@ def pool_q_varlen_ref(
         pooled, _ = pool_q(q_pre, start, block_size)
         out[b, :pooled.shape[0]] = pooled
     return out
+
+
+def pool_qk_ref(
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    inv_freq: torch.Tensor | None,
+    k_out: torch.Tensor,
+    q_out: torch.Tensor,
+    block_size: int = 64,
+    *,
+    k_scale: torch.Tensor | float | None = None,
+    q_scale: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pool_k_paged_ref` then :func:`pool_q_varlen_ref` (the Triton ``pool_qk`` does both
+    in one launch); returns ``(k_out, q_out)``."""
+    pool_k_paged_ref(k_cache, block_table, seq_lens, inv_freq, k_out, block_size, k_scale=k_scale)
+    pool_q_varlen_ref(q, cu_seqlens_q, seq_lens, inv_freq, q_out, block_size, q_scale=q_scale)
+    return k_out, q_out

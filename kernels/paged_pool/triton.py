@@ -44,23 +44,19 @@ def _load_scaled(ptrs, mask, s_ptr, SCALED: tl.constexpr):
     return x
 
 
-@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
-                    "SCALED": lambda a: a["s_ptr"] is not None})
-@triton.autotune(configs=_configs(), key=["HALF", "PAGE_SIZE", "BLOCK"])
-@triton.jit(do_not_specialize=["MKB"])
-def _pool_k_kernel(
-    k_ptr, bt_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
-    MKB,
+@triton.jit
+def _pool_k_block(
+    kb, b, k_ptr, bt_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_btb, stride_btp,
     stride_ob, stride_on, stride_oh, stride_oc,
     HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
 ):
-    # k: [P, PAGE_SIZE, HKV, 2*HALF]  out: [B, MKB, HKV, 6*HALF]; one program per (block, request)
-    # s: [1] fp32 scale of a float8 cache (SCALED only)
-    kb = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    """Key block ``kb`` of request ``b``: ``[max | min | avg]`` of its un-rotated keys per head.
+
+    k: ``[P, PAGE_SIZE, HKV, 2*HALF]``; out: ``[B, MKB, HKV, 6*HALF]``; s: ``[1]`` fp32 scale of a
+    float8 cache (``SCALED`` only). Blocks past the request's keys write nothing."""
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
     if kb * BLOCK < seq_len:
         pos = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
@@ -92,21 +88,18 @@ def _pool_k_kernel(
                      mask=half_ok)
 
 
-@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
-                    "SCALED": lambda a: a["s_ptr"] is not None})
-@triton.autotune(configs=_configs(), key=["HALF", "BLOCK"])
-@triton.jit(do_not_specialize=["MQB"])
-def _pool_q_kernel(
-    q_ptr, cu_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
-    MQB,
+@triton.jit
+def _pool_q_block(
+    j, b, q_ptr, cu_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_ob, stride_on, stride_oh, stride_od,
     HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
     HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
 ):
-    # q: [T, HQ, 2*HALF]  out: [B, MQB, HQ, 2*HALF]; one program per (block, request)
-    j = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    """Local query block ``j`` of request ``b``: the mean of its un-rotated query rows per head.
+
+    q: ``[T, HQ, 2*HALF]``; out: ``[B, MQB, HQ, 2*HALF]``. Blocks past the request's rows write
+    nothing."""
     q_lo = tl.load(cu_ptr + b).to(tl.int64)
     n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
@@ -130,6 +123,77 @@ def _pool_q_kernel(
             o = o_ptr + b * stride_ob + j * stride_on + h * stride_oh + offs * stride_od
             tl.store(o, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt, mask=half_ok)
             tl.store(o + HALF * stride_od, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt, mask=half_ok)
+
+
+@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
+                    "SCALED": lambda a: a["s_ptr"] is not None})
+@triton.autotune(configs=_configs(), key=["HALF", "PAGE_SIZE", "BLOCK"])
+@triton.jit(do_not_specialize=["MKB"])
+def _pool_k_kernel(
+    k_ptr, bt_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
+    MKB,
+    stride_kp, stride_kt, stride_kh, stride_kd,
+    stride_btb, stride_btp,
+    stride_ob, stride_on, stride_oh, stride_oc,
+    HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
+):
+    # one program per (key block, request)
+    _pool_k_block(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                  k_ptr, bt_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
+                  stride_kp, stride_kt, stride_kh, stride_kd, stride_btb, stride_btp,
+                  stride_ob, stride_on, stride_oh, stride_oc,
+                  HKV, HALF, BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, LIBDEVICE, SCALED)
+
+
+@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
+                    "SCALED": lambda a: a["s_ptr"] is not None})
+@triton.autotune(configs=_configs(), key=["HALF", "BLOCK"])
+@triton.jit(do_not_specialize=["MQB"])
+def _pool_q_kernel(
+    q_ptr, cu_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
+    MQB,
+    stride_qt, stride_qh, stride_qd,
+    stride_ob, stride_on, stride_oh, stride_od,
+    HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
+):
+    # one program per (local query block, request)
+    _pool_q_block(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                  q_ptr, cu_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
+                  stride_qt, stride_qh, stride_qd, stride_ob, stride_on, stride_oh, stride_od,
+                  HQ, HALF, BLOCK_HALF, BLOCK, HAS_ROPE, LIBDEVICE, SCALED)
+
+
+@triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
+                    "K_SCALED": lambda a: a["ks_ptr"] is not None,
+                    "Q_SCALED": lambda a: a["qs_ptr"] is not None})
+@triton.autotune(configs=_configs(), key=["HALF", "PAGE_SIZE", "BLOCK"])
+@triton.jit(do_not_specialize=["MKB", "MQB"])
+def _pool_qk_kernel(
+    k_ptr, bt_ptr, ks_ptr, ko_ptr, q_ptr, cu_ptr, qs_ptr, qo_ptr, lens_ptr, f_ptr,
+    MKB, MQB,
+    stride_kp, stride_kt, stride_kh, stride_kd,
+    stride_btb, stride_btp,
+    stride_kob, stride_kon, stride_koh, stride_koc,
+    stride_qt, stride_qh, stride_qd,
+    stride_qob, stride_qon, stride_qoh, stride_qod,
+    HKV: tl.constexpr, HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr,
+    LIBDEVICE: tl.constexpr, K_SCALED: tl.constexpr, Q_SCALED: tl.constexpr,
+):
+    # grid (MKB + MQB, B): programs [0, MKB) pool key blocks, [MKB, MKB + MQB) query blocks
+    i = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    if i < MKB:
+        _pool_k_block(i, b, k_ptr, bt_ptr, lens_ptr, f_ptr, ks_ptr, ko_ptr,
+                      stride_kp, stride_kt, stride_kh, stride_kd, stride_btb, stride_btp,
+                      stride_kob, stride_kon, stride_koh, stride_koc,
+                      HKV, HALF, BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, LIBDEVICE, K_SCALED)
+    else:
+        _pool_q_block(i - MKB, b, q_ptr, cu_ptr, lens_ptr, f_ptr, qs_ptr, qo_ptr,
+                      stride_qt, stride_qh, stride_qd, stride_qob, stride_qon, stride_qoh,
+                      stride_qod, HQ, HALF, BLOCK_HALF, BLOCK, HAS_ROPE, LIBDEVICE, Q_SCALED)
 
 
 def pool_k_paged(
@@ -207,3 +271,45 @@ def pool_q_varlen(
         LIBDEVICE=not INTERPRET,
     )
     return out
+
+
+def pool_qk(
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    inv_freq: torch.Tensor | None,
+    k_out: torch.Tensor,
+    q_out: torch.Tensor,
+    block_size: int = 64,
+    *,
+    k_scale: torch.Tensor | float | None = None,
+    q_scale: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pool_k_paged` and :func:`pool_q_varlen` in one launch (the gate's pooling step).
+
+    Same arguments and results as the two calls ``pool_k_paged(k_cache, block_table, seq_lens,
+    inv_freq, k_out, block_size, k_scale=k_scale)`` and ``pool_q_varlen(q, cu_seqlens_q, seq_lens,
+    inv_freq, q_out, block_size, q_scale=q_scale)``; returns ``(k_out, q_out)``.
+    """
+    ks = scale_arg(k_scale, "k_scale", check_dtype(k_cache, "k_cache"), k_cache.device)
+    qs = scale_arg(q_scale, "q_scale", check_dtype(q, "q"), q.device)
+    _, page_size, hkv, d = k_cache.shape
+    hq = q.shape[1]
+    if q.shape[2] != d:
+        raise ValueError(f"q head dim {q.shape[2]} differs from the cache's {d}")
+    bsz, mkb = k_out.shape[0], k_out.shape[1]
+    mqb = q_out.shape[1]
+    if q_out.shape[0] != bsz:
+        raise ValueError(f"k_out has {bsz} requests, q_out {q_out.shape[0]}")
+    if bsz == 0 or mkb + mqb == 0:
+        return k_out, q_out
+    _pool_qk_kernel[(mkb + mqb, bsz)](
+        k_cache, block_table, ks, k_out, q, cu_seqlens_q, qs, q_out, seq_lens, inv_freq,
+        mkb, mqb,
+        *k_cache.stride(), *block_table.stride(), *k_out.stride(), *q.stride(), *q_out.stride(),
+        HKV=hkv, HQ=hq, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2),
+        PAGE_SIZE=page_size, BLOCK=block_size, LIBDEVICE=not INTERPRET,
+    )
+    return k_out, q_out

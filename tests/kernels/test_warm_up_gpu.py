@@ -31,7 +31,7 @@ def _jit_functions() -> list:
     from vllm_seer.kernels.sparse_prefill import split
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
-    return [bsel._scores_kernel, bsel._select_kernel, pool._pool_k_kernel, pool._pool_q_kernel,
+    return [bsel._scores_kernel, bsel._select_kernel, pool._pool_qk_kernel,
             sp._sparse_prefill_kernel, split._plan_kernel, split._combine_kernel]
 
 
