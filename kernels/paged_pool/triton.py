@@ -128,7 +128,7 @@ def _pool_q_block(
 @triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
                     "SCALED": lambda a: a["s_ptr"] is not None})
 @triton.autotune(configs=_configs(), key=["HALF", "PAGE_SIZE", "BLOCK"])
-@triton.jit(do_not_specialize=["MKB"])
+@triton.jit(do_not_specialize=["MKB", "stride_btb"])
 def _pool_k_kernel(
     k_ptr, bt_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
     MKB,
@@ -169,7 +169,7 @@ def _pool_q_kernel(
                     "K_SCALED": lambda a: a["ks_ptr"] is not None,
                     "Q_SCALED": lambda a: a["qs_ptr"] is not None})
 @triton.autotune(configs=_configs(), key=["HALF", "PAGE_SIZE", "BLOCK"])
-@triton.jit(do_not_specialize=["MKB", "MQB"])
+@triton.jit(do_not_specialize=["MKB", "MQB", "stride_btb"])
 def _pool_qk_kernel(
     k_ptr, bt_ptr, ks_ptr, ko_ptr, q_ptr, cu_ptr, qs_ptr, qo_ptr, lens_ptr, f_ptr,
     MKB, MQB,

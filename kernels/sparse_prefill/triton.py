@@ -120,7 +120,7 @@ def _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.const
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "PAGE_SIZE"])
-@triton.jit(do_not_specialize=["MQB", "MKB", "NSEG_GRID", "SEG", "CAP"])
+@triton.jit(do_not_specialize=["MQB", "MKB", "NSEG_GRID", "SEG", "CAP", "stride_btb"])
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     bt_ptr, cu_ptr, lens_ptr, idx_ptr, cnt_ptr,

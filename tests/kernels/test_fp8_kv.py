@@ -149,14 +149,14 @@ def _pool(case: tuple, bs: int = 64) -> None:
     pool_q_varlen_ref(batch.q, batch.cu_seqlens_q, batch.seq_lens, inv, q_ref, bs, q_scale=qs)
     pool_q_varlen(batch.q, batch.cu_seqlens_q, batch.seq_lens, inv, q_out, bs, q_scale=qs)
     torch.testing.assert_close(q_out, q_ref, rtol=1e-4, atol=1e-5, equal_nan=True)
-    # the gate's one-launch pooling: exactly the two kernels' values, scales included
+    # the gate's one-launch pooling (its own autotuned warps), scales included, against the refs
     from vllm_seer.kernels.paged_pool import pool_qk
 
     k2, q2 = torch.full_like(k_ref, float("nan")), torch.full_like(q_ref, float("nan"))
     pool_qk(batch.k_cache, batch.block_table, batch.q, batch.cu_seqlens_q, batch.seq_lens, inv,
             k2, q2, bs, k_scale=ks, q_scale=qs)
-    torch.testing.assert_close(k2, k_out, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(q2, q_out, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(k2, k_ref, rtol=1e-4, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(q2, q_ref, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("case", POOL_CASES.values(), ids=POOL_CASES.keys())

@@ -59,15 +59,16 @@ def _run(case: tuple, dtype: torch.dtype = torch.float16, bs: int = 64) -> None:
     pool_q_varlen_ref(batch.q, batch.cu_seqlens_q, batch.seq_lens, inv, q_ref, bs)
     pool_q_varlen(batch.q, batch.cu_seqlens_q, batch.seq_lens, inv, q_out, bs)
     torch.testing.assert_close(q_out, q_ref, rtol=1e-4, atol=1e-4, equal_nan=True)
-    # both in one launch (the gate's pooling step) and its reference: the same values exactly
+    # both in one launch (the gate's pooling step; its own autotuned warps, so the sums may
+    # round in another order) against the references, and the reference of both exactly
     from vllm_seer.kernels.paged_pool import pool_qk, pool_qk_ref
 
-    for fn, k_want, q_want in ((pool_qk, k_out, q_out), (pool_qk_ref, k_ref, q_ref)):
+    for fn, tol in ((pool_qk, 1e-4), (pool_qk_ref, 0.0)):
         k2, q2 = torch.full_like(k_ref, float("nan")), torch.full_like(q_ref, float("nan"))
         fn(batch.k_cache, batch.block_table, batch.q, batch.cu_seqlens_q, batch.seq_lens, inv,
            k2, q2, bs)
-        torch.testing.assert_close(k2, k_want, rtol=0, atol=0, equal_nan=True)
-        torch.testing.assert_close(q2, q_want, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(k2, k_ref, rtol=tol, atol=tol, equal_nan=True)
+        torch.testing.assert_close(q2, q_ref, rtol=tol, atol=tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
