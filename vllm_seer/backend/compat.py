@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -302,3 +303,22 @@ def total_num_layers(model_config: Any) -> int:
         return int(get_total())
     hf = getattr(model_config, "hf_text_config", None) or model_config.hf_config
     return int(hf.num_hidden_layers)
+
+
+def expected_page_sizes(cache_config: Any, preferred: Callable[[int], int]) -> list[int]:
+    """The KV page size(s) vLLM will give the backend, known before it decides.
+
+    At attention-impl construction ``cache_config.block_size`` still holds the default; vLLM
+    (0.26+, ``Platform.update_block_size_for_backend``) later replaces it by the backend's
+    ``get_preferred_block_size`` unless the user gave ``--block-size``
+    (``cache_config.user_specified_block_size``). Where that flag is missing both candidates are
+    returned (the warm-up then builds both).
+    """
+    size = int(cache_config.block_size)
+    user = getattr(cache_config, "user_specified_block_size", None)
+    if user is True:
+        return [size]
+    want = int(preferred(size))
+    if user is False:
+        return [want]
+    return sorted({size, want})

@@ -64,6 +64,14 @@ class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
     def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> Any:
         return cls._cudagraph_support
 
+    def __init__(self, kv_cache_spec: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(kv_cache_spec, *args, **kwargs)
+        page = int(kv_cache_spec.block_size)  # the cache's real page size, known from here on
+        if SeerCUDAImpl.warmed_pages and page not in SeerCUDAImpl.warmed_pages:
+            logger.warning("Seer: the KV cache has %d-token pages but the start-up warm-up built "
+                           "the kernels for %s: the first long request will compile and autotune "
+                           "them (seconds)", page, SeerCUDAImpl.warmed_pages)
+
     def build(self, common_prefix_len: int, common_attn_metadata: Any,
               fast_build: bool = False) -> SeerStepMetadata:
         rt = get_runtime()
@@ -83,13 +91,16 @@ class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
 
 class SeerCUDAImpl(FlashAttentionImpl):
     _warmed_up = False  # once per process
+    warmed_pages: tuple[int, ...] = ()  # page sizes the warm-up built the kernels for
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = get_current_vllm_config()
         get_runtime(cfg, self.num_heads, self.num_kv_heads, self.head_size,
                     torch.device(f"cuda:{torch.cuda.current_device()}"))
-        self._page_size = int(cfg.cache_config.block_size)
+        # the page size(s) vLLM will pick (it asks the backend after the layers exist)
+        self._page_sizes = compat.expected_page_sizes(cfg.cache_config,
+                                                      SeerCUDABackend.get_preferred_block_size)
         self._layer: int | None = None
         # None: a 16-bit cache; e4m3 for fp8 / fp8_e4m3 (start-up refused the other encodings)
         self._fp8 = compat.fp8_cache_dtype(str(self.kv_cache_dtype))
@@ -109,14 +120,17 @@ class SeerCUDAImpl(FlashAttentionImpl):
         assert rt.block_rope is not None
         t0 = time.perf_counter()
         max_blocks = rt.block_rope.shape[0]
-        warm_up(dtype, self.num_heads, self.num_kv_heads, self.head_size, self._page_size,
-                rt.weights[layer], rt.inv_freq, rt.config.selection, max_blocks,
-                rt.inv_freq.device, rt.block_size, WARMUP_TOKENS, rt.block_rope,
-                rt.grouped_weights[layer], kv_dtype=self._fp8 or out_dtype, out_dtype=out_dtype)
+        for page in self._page_sizes:
+            warm_up(dtype, self.num_heads, self.num_kv_heads, self.head_size, page,
+                    rt.weights[layer], rt.inv_freq, rt.config.selection, max_blocks,
+                    rt.inv_freq.device, rt.block_size, WARMUP_TOKENS, rt.block_rope,
+                    rt.grouped_weights[layer], kv_dtype=self._fp8 or out_dtype,
+                    out_dtype=out_dtype)
         torch.cuda.synchronize()
-        logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic prefills on %d-token "
+        SeerCUDAImpl.warmed_pages = tuple(self._page_sizes)
+        logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic prefills on %s-token "
                     "pages, selection widths up to %d key blocks)", time.perf_counter() - t0,
-                    self._page_size, max_blocks)
+                    "/".join(map(str, self._page_sizes)), max_blocks)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeerStepMetadata | None,
