@@ -283,8 +283,9 @@ def train(gates: GateModel, train_data: Sequence[Features] | FeatureSource,
         run.restore(ck)
         log.info("resumed from %s at step %d (%d tokens)", state_dir, run.step, run.tokens)
     if run.step == 0 and not run.history:
-        run.history.append({"step": 0, "tokens": 0, "train": None,
-                            "eval": evaluate(gates, eval_data, device)})
+        first = evaluate(gates, eval_data, device)
+        run.history.append({"step": 0, "tokens": 0, "train": None, "eval": first})
+        run.plateau.update(first)  # the untrained gates' loss is the first "best"
     if run.stop_reason not in TERMINAL:
         run.stop_reason = None
         _loop(gates, opt, source, eval_data, cfg, device, run, state_dir, progress, key)
