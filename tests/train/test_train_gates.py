@@ -178,3 +178,19 @@ def test_pack_caps_train_tokens(tiny: tuple[Path, Path], tmp_path: Path) -> None
     assert 20000 <= m["totals"]["train_tokens"] < full  # stops after the doc that crosses the cap
     assert m["totals"]["heldout_tokens"] == PackedCorpus(tiny[1]).manifest["totals"][
         "heldout_tokens"]
+
+
+def test_gpu_script_dry_run(tmp_path: Path) -> None:
+    """benchmarks/gpu/train_gates_gpu.py end to end on the CPU: prepare, staging calls, a warm
+    call, a cold machine restaged with the carried state; the run ends at its last step."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "train_gates_gpu.py"
+    spec = importlib.util.spec_from_file_location("train_gates_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["dry-run", "--work", str(tmp_path / "w")]) == 0
+    plan = json.loads((tmp_path / "w" / "gpu-train" / "call1" / "plan.json").read_text())
+    assert plan["calls"] >= 2 and len(plan["model"]["parts"]) >= 2
+    finals = sorted((tmp_path / "w").glob("out*/state/log.json"))
+    assert json.loads(finals[-1].read_text())["finished"]
