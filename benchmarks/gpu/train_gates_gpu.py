@@ -60,6 +60,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 KEEP = Path("/tmp/seer-keep")
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# the train-gates defaults, spelled out (SmolLM2's full context is 8192)
 TRAIN_ARGS = ["--seq-len", "8192", "--batch-size", "16", "--epochs", "4", "--eval-every", "25",
               "--eval-windows", "32", "--save-every", "10", "--patience", "3",
               "--min-rel-improve", "0.005", "--base-model", BASE_MODEL]

@@ -194,3 +194,22 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     assert plan["calls"] >= 2 and len(plan["model"]["parts"]) >= 2
     finals = sorted((tmp_path / "w").glob("out*/state/log.json"))
     assert json.loads(finals[-1].read_text())["finished"]
+
+
+def test_batched_extraction_matches_per_sequence_features(tiny: tuple[Path, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from vllm_seer.train.features import ModelShape, ModelSource, sequence_features
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float32).eval()
+    shape = ModelShape.from_hf_config(model.config)
+    spec = RopeSpec.from_hf_config(model.config, shape.head_dim)
+    windows = PackedCorpus(tiny[1]).windows("train", 192)[:3]  # 3 blocks of 64
+    two = ModelSource(model, windows, spec, 64, forward_batch=2).batch([2, 0, 1])
+    one = ModelSource(model, windows, spec, 64, forward_batch=1).batch([2, 0, 1])
+    for name in ("q_gate", "k_pooled", "target"):
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    ref = sequence_features(model, windows[0], shape, spec, 64, dtype=torch.float32)
+    for name in ("q_gate", "k_pooled", "target"):
+        assert two[name].shape[1:] == ref[name].shape
+        torch.testing.assert_close(two[name][1], ref[name], rtol=1e-4, atol=1e-5)

@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-windows", type=int, default=32)
-    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--min-rel-improve", type=float, default=0.005)
     p.add_argument("--time-budget-s", type=float, default=None,
