@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton ground truth runs on CPU in the interpreter only
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from safetensors.torch import load_file
 from test_train_eval import HQ, B, D, L, _features
 
@@ -213,3 +217,19 @@ def test_batched_extraction_matches_per_sequence_features(tiny: tuple[Path, Path
     for name in ("q_gate", "k_pooled", "target"):
         assert two[name].shape[1:] == ref[name].shape
         torch.testing.assert_close(two[name][1], ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_extraction_with_the_triton_ground_truth(tiny: tuple[Path, Path]) -> None:
+    """The kernel the GPU run uses, fed by ModelSource, equals the reference path."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_seer.train.features import ModelShape, ModelSource
+
+    triton_gt = pytest.importorskip("vllm_seer.kernels.ground_truth.triton")
+    model = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float32).eval()
+    spec = RopeSpec.from_hf_config(model.config, ModelShape.from_hf_config(model.config).head_dim)
+    windows = PackedCorpus(tiny[1]).windows("train", 160)[:1]  # 2.5 blocks: a partial one
+    ref = ModelSource(model, windows, spec, 64).batch([0])
+    got = ModelSource(model, windows, spec, 64,
+                      ground_truth=triton_gt.block_attn_ground_truth).batch([0])
+    torch.testing.assert_close(got["target"], ref["target"], rtol=1e-4, atol=1e-6)
