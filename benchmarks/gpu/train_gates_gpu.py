@@ -21,10 +21,14 @@ there; the training state comes back in ``$OUT/state`` after every call.
    with ``carry`` ``[".cache/gpu-train/call1"]``, then ``call2``, ... ``callN``; the call that
    completes the set converts the model and starts training; then the same command with no carry,
    repeated until it prints ``FINISHED`` or the device time is spent. Each call trains until
-   ``TRAIN_CALL_S`` (600) minus ``TRAIN_MARGIN_S`` (60) seconds after its start, saves, and returns
+   ``TRAIN_CALL_S`` (600) minus ``TRAIN_MARGIN_S`` (40) seconds after its start, saves, and returns
    ``$OUT/state`` (state.json, weights / Adam moments as safetensors, gate_config.json, log.json,
-   loss.png: 7 files, ~41 MB). ``TRAIN_BUDGET_S`` (1200) caps the training wall-clock over all calls;
-   ``TRAIN_ARGS`` adds ``vllm-seer train-gates`` options.
+   loss.png: 7 files, ~41 MB). ``TRAIN_BUDGET_S`` (1050) caps the training wall-clock over all calls;
+   ``TRAIN_ARGS`` adds ``vllm-seer train-gates`` options (e.g. ``--epochs 3``).
+
+   Device time, planned: machine start ~1.5 min, calls 1-2 ~0.5 min each, call 3 10 min (model
+   conversion ~1 min, start-up ~0.5 min, ~8 min training), call 4 10 min (~9 min training),
+   call 5 until the 1050 s budget (~2.5 min): ~25 min of the 30.
 
    If the machine went cold (``run`` says pieces are missing): copy the last ``$OUT/state`` to
    ``.cache/gpu-train/state`` here, repeat the N staging calls, then one call carrying
@@ -58,7 +62,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-KEEP = Path("/tmp/seer-keep")
+KEEP = Path(os.environ.get("SEER_KEEP", "/tmp/seer-keep"))
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # the train-gates defaults, spelled out (SmolLM2's full context is 8192)
 TRAIN_ARGS = ["--seq-len", "8192", "--batch-size", "16", "--epochs", "4", "--eval-every", "25",
@@ -89,7 +93,14 @@ def split_file(src: Path, dst: Path, parts: int) -> list[Path]:
 def prepare(root: Path, model_file: Path, fmt: str, tokenizer: Path, call_mib: float,
             corpus: str | None, train_args: list[str], wheels: list[Path]) -> dict:
     """Pack the corpus (unless packed), cut everything into ``root/call*`` (<= call_mib each)."""
+    from vllm_seer.train.pack import parse_corpora
+
     data = root / "data"
+    want = [c.spec() for c in parse_corpora(corpus)]
+    if (data / "manifest.json").is_file() and json.loads(
+            (data / "manifest.json").read_text())["corpora"] != want:
+        print(f"{data} was packed from other corpora: packing again")
+        shutil.rmtree(data)
     if not (data / "manifest.json").is_file():
         cmd = [sys.executable, "-m", "vllm_seer.cli", "train-gates", "pack", "--tokenizer",
                str(tokenizer), "--out", str(data)] + (["--corpus", corpus] if corpus else [])
@@ -207,7 +218,7 @@ def materialize(plan: dict, keep: Path, env: dict) -> Path:
 def run(root: Path, keep: Path, out: Path, extra: list[str]) -> int:
     t0 = time.time()
     call_s = float(os.environ.get("TRAIN_CALL_S", 600))
-    margin = float(os.environ.get("TRAIN_MARGIN_S", 60))
+    margin = float(os.environ.get("TRAIN_MARGIN_S", 40))
     plan = stage(root, keep)
     if plan is None:
         return 0
@@ -222,7 +233,7 @@ def run(root: Path, keep: Path, out: Path, extra: list[str]) -> int:
     state = out / "state"
     if (keep / "state" / "state.json").is_file():
         _copy_state(keep / "state", state)
-    budget = os.environ.get("TRAIN_BUDGET_S", "1200")
+    budget = os.environ.get("TRAIN_BUDGET_S", "1050")
     left = call_s - margin - (time.time() - t0)
     cmd = [sys.executable, "-m", "vllm_seer.cli", "train-gates", str(model), "--out",
            str(keep / "gates"), "--state", str(state), "--data", str(keep / "data"),
@@ -258,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         return run(a.root, KEEP, Path(os.environ.get("OUT", "/tmp/out")), extra)
     if a.mode == "prepare":
         sys.path.insert(0, str(ROOT))
-        from vllm_seer.train.prepare_model import default_model_dir, find_gguf
+        from vllm_seer.train.prepare_model import default_model_dir, find_gguf, is_prepared
+
+        if not is_prepared(default_model_dir()):
+            raise SystemExit(f"no SmolLM2 at {default_model_dir()} (its tokenizer packs the "
+                             "corpus): run `.venv/bin/vllm-seer prepare-model` first")
 
         wheel_dir = a.root / "wheels"
         wheel_dir.mkdir(parents=True, exist_ok=True)
