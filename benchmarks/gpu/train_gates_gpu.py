@@ -176,9 +176,15 @@ def _step(state: Path) -> int:
 
 
 def _copy_state(src: Path, dst: Path) -> None:
+    """Copy a state folder: the tensor files its state.json names, and the small files."""
+    named = set(json.loads((src / "state.json").read_text())["files"])
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.tmp"))
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".tmp") and (
+                f.suffix != ".safetensors" or f.name in named):
+            shutil.copy2(f, tmp / f.name)
     shutil.rmtree(dst, ignore_errors=True)
     tmp.replace(dst)
 

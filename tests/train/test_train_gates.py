@@ -111,7 +111,7 @@ def test_resumed_run_equals_uninterrupted(tiny: tuple[Path, Path], tmp_path: Pat
     assert load_checkpoint(b).step == 4
     assert _run(tiny, b, "--stop-after-steps", "1") == 0
     assert _run(tiny, b) == 0
-    wa, wb = (load_file(str(x / "weights.safetensors")) for x in (a, b))
+    wa, wb = (_tensors(x) for x in (a, b))
     assert torch.equal(wa["weight"], wb["weight"]) and torch.equal(wa["rng_state"], wb["rng_state"])
     la, lb = (json.loads((x / "log.json").read_text()) for x in (a, b))
     assert la["steps"] == lb["steps"] == 8 and la["stop_reason"] == "max steps"
@@ -127,10 +127,15 @@ def test_resumed_run_equals_uninterrupted(tiny: tuple[Path, Path], tmp_path: Pat
 def test_interrupted_save_is_detected(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     st = tmp_path / "s"
     assert _run(tiny, st, "--stop-after-steps", "3") == 0
-    f = st / "adam_v.safetensors"
+    f = next(st.glob("adam_v-*.safetensors"))
     f.write_bytes(f.read_bytes()[:-4])
     with pytest.raises(StateError, match="adam_v"):
         load_checkpoint(st)
+
+
+def _tensors(state: Path) -> dict[str, torch.Tensor]:
+    files = json.loads((state / "state.json").read_text())["files"]
+    return load_file(str(state / next(f for f in files if f.startswith("weights-"))))
 
 
 def test_plateau_rule() -> None:
@@ -233,3 +238,39 @@ def test_extraction_with_the_triton_ground_truth(tiny: tuple[Path, Path]) -> Non
     got = ModelSource(model, windows, spec, 64,
                       ground_truth=triton_gt.block_attn_ground_truth).batch([0])
     torch.testing.assert_close(got["target"], ref["target"], rtol=1e-4, atol=1e-6)
+
+
+def test_killed_run_continues_to_the_same_weights(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """SIGKILL a training process after its second checkpoint; the same command continues it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, data = tiny
+    args = [str(model), "--data", str(data), "--seq-len", "128", "--batch-size", "2",
+            "--steps", "24", "--eval-every", "8", "--save-every", "1", "--eval-windows", "1",
+            "--max-train-windows", "7", "--forward-batch", "2", "--lr", "3e-2", "--device", "cpu"]
+
+    def cmd(state: Path) -> list[str]:
+        return [sys.executable, "-m", "vllm_seer.cli", "train-gates", *args, "--state",
+                str(state), "--out", str(state / "gates")]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        st = killed / "state.json"
+        if st.is_file() and json.loads(st.read_text())["step"] >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = load_checkpoint(killed).step
+    assert 2 <= step < 24, step  # it was killed mid-run
+    subprocess.run(cmd(killed), check=True, capture_output=True)
+    whole = tmp_path / "whole"
+    subprocess.run(cmd(whole), check=True, capture_output=True)
+    assert torch.equal(_tensors(killed)["weight"], _tensors(whole)["weight"])
+    assert load_checkpoint(killed).step == 24
+    assert len(list(killed.glob("*.safetensors"))) == 3  # the previous saves' files are gone

@@ -1,12 +1,13 @@
 """Resumable training state: checkpoint files, data order, and the early-stop rule.
 
-A checkpoint is a folder holding ``weights.safetensors`` (gate weights fp32 + the data-order RNG
-state), ``adam_m.safetensors`` / ``adam_v.safetensors`` (AdamW moments, fp32; one file each so
+A checkpoint is a folder holding ``weights-N.safetensors`` (gate weights fp32 + the data-order RNG
+state), ``adam_m-N.safetensors`` / ``adam_v-N.safetensors`` (AdamW moments, fp32; one file each so
 every file stays under 16 MiB for a 30-layer model) and ``state.json`` (step, data position,
-optimizer scalars, early-stop counters, history, the run's settings). Each file is written to a
-temporary name and renamed; ``state.json`` is written last and records the sha256 of the tensor
-files, so a run killed while saving leaves the previous complete checkpoint in force (a mismatch
-is reported, never loaded). No pickles: nothing here calls ``torch.load``.
+optimizer scalars, early-stop counters, history, the run's settings, and the names and sha256 of
+the tensor files). ``N`` counts saves. A save writes new tensor files (temporary name, fsync,
+rename), then ``state.json`` the same way, and only then deletes the previous tensor files: a run
+killed at any point leaves a ``state.json`` whose files are all present and complete (a mismatch,
+e.g. from a broken copy, is reported, never loaded). No pickles: nothing here calls ``torch.load``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_JSON = "state.json"
-TENSOR_FILES = {"weights": "weights.safetensors", "exp_avg": "adam_m.safetensors",
-                "exp_avg_sq": "adam_v.safetensors"}
+TENSOR_FILES = {"weights": "weights", "exp_avg": "adam_m", "exp_avg_sq": "adam_v"}  # name stems
 
 
 class StateError(RuntimeError):
@@ -124,19 +124,21 @@ def save_checkpoint(folder: Path, ck: Checkpoint) -> None:
     if ck.exp_avg is not None and ck.exp_avg_sq is not None:
         groups["exp_avg"] = {"exp_avg": ck.exp_avg}
         groups["exp_avg_sq"] = {"exp_avg_sq": ck.exp_avg_sq}
+    old = folder / STATE_JSON
+    seq = int(json.loads(old.read_text()).get("save_seq", 0)) + 1 if old.is_file() else 1
     hashes = {}
     for key, tensors in groups.items():
-        path = folder / TENSOR_FILES[key]
+        path = folder / f"{TENSOR_FILES[key]}-{seq}.safetensors"
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         _atomic_write(path, lambda p, t=cpu: save_file(t, str(p)))
-        hashes[TENSOR_FILES[key]] = _sha256(path)
-    for key, name in TENSOR_FILES.items():  # a finished run drops its moments
-        if key not in groups:
-            (folder / name).unlink(missing_ok=True)
+        hashes[path.name] = _sha256(path)
     body = {"step": ck.step, "adam_step": ck.adam_step, "data": ck.data, "plateau": ck.plateau,
-            "files": hashes, **ck.meta}
+            "files": hashes, "save_seq": seq, **ck.meta}
     _atomic_write(folder / STATE_JSON,
                   lambda p: p.write_text(json.dumps(body, indent=1, allow_nan=True) + "\n"))
+    for f in folder.glob("*.safetensors"):  # the previous save's files (and any left by a kill)
+        if f.name not in hashes:
+            f.unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path) -> Checkpoint | None:
@@ -159,7 +161,7 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
         tensors.update(load_file(str(f)))
     data_tensors = {k: tensors[k] for k in ("rng_state", "perm") if k in tensors}
     meta = {k: v for k, v in body.items()
-            if k not in ("step", "adam_step", "data", "plateau", "files")}
+            if k not in ("step", "adam_step", "data", "plateau", "files", "save_seq")}
     return Checkpoint(int(body["step"]), tensors["weight"], tensors.get("exp_avg"),
                       tensors.get("exp_avg_sq"), float(body["adam_step"]), body["data"],
                       data_tensors, body["plateau"], meta)
