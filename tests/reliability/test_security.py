@@ -99,7 +99,7 @@ def test_every_torch_load_passes_weights_only_true():
                 loads.append(f"{rel}:{call.lineno}")
                 if not is_const(keyword(call, "weights_only"), True):
                     bad.append(f"{rel}:{call.lineno}")
-    assert len(loads) >= 3, loads  # checkpoint.py, train/cli.py, train/trainer.py: the scan works
+    assert len(loads) >= 1, loads  # checkpoint.py (the trainer keeps safetensors): the scan works
     assert not bad, f"torch.load without weights_only=True: {bad}"
 
 

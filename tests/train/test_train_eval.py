@@ -75,9 +75,9 @@ def test_training_reduces_loss_resumes_and_saves(tmp_path: Path) -> None:
     inv = RopeSpec(D, 1e4).inv_freq()
     cfg = TrainConfig(steps=30, batch_size=2, lr=1e-2, warmup=3, eval_every=10, save_every=10)
     gm = GateModel(L, HQ, D, D, inv, B)
-    state = tmp_path / "state.pt"
+    state = tmp_path / "state"
     res = train(gm, data[:4], data[4:], cfg, torch.device("cpu"), state)
-    assert res.final_eval < res.initial_eval and state.is_file()
+    assert res.final_eval < res.initial_eval and (state / "state.json").is_file()
     again = train(GateModel(L, HQ, D, D, inv, B), data[:4], data[4:], cfg, torch.device("cpu"),
                   state)  # already at the last step: resumes and does nothing
     assert again.final_eval == pytest.approx(res.final_eval, rel=1e-5)

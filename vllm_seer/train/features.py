@@ -10,12 +10,20 @@ From them, per layer:
 * ``target``: the ground truth, block max-pooled true attention probabilities with rows
   normalised — ``[Hq, nqb, nkb]``, from the post-RoPE q / k.
 
+:class:`ModelSource` extracts them on the fly for training batches, on the model's device: the
+ground truth uses the Triton kernel (:func:`vllm_seer.kernels.ground_truth.block_attn_ground_truth`)
+on CUDA and the plain-PyTorch reference elsewhere. Features are recomputed every epoch rather than
+cached: one 8192-token SmolLM2 window's features are ~18 MB in fp16 (``target`` 30 x 9 x 128 x 128,
+``q_gate`` and ``k_pooled`` 30 x 128 x 576 each), so 20M tokens would be ~43 GB, which neither
+travels to the GPU host nor survives between its calls.
+
 Only the transformers Llama-style layout (``model.model.layers[i].self_attn.{q,k}_proj``, NeoX
 rotate-half RoPE) is supported, which covers Llama, Qwen2 and SmolLM.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,13 +61,14 @@ def decoder_layers(model: Any) -> list[Any]:
 
 
 class QKCapture:
-    """Context manager capturing every layer's pre-RoPE q / k of a batch-1 forward.
+    """Context manager capturing every layer's pre-RoPE q / k of a forward.
 
-    After the forward, ``q[i]`` is ``[T, Hq, D]`` and ``k[i]`` is ``[T, Hkv, D]`` (model dtype).
+    After the forward, ``q[i]`` is ``[T, Hq, D]`` and ``k[i]`` is ``[T, Hkv, D]`` (model dtype);
+    with ``batched=True`` they are ``[B, T, Hq, D]`` / ``[B, T, Hkv, D]``.
     """
 
-    def __init__(self, model: Any, shape: ModelShape) -> None:
-        self.model, self.shape = model, shape
+    def __init__(self, model: Any, shape: ModelShape, batched: bool = False) -> None:
+        self.model, self.shape, self.batched = model, shape, batched
         self.q: dict[int, torch.Tensor] = {}
         self.k: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -72,11 +81,13 @@ class QKCapture:
             self._handles.append(attn.k_proj.register_forward_hook(self._hook(self.k, i, d)))
         return self
 
-    @staticmethod
-    def _hook(store: dict[int, torch.Tensor], i: int, d: int) -> Any:
+    def _hook(self, store: dict[int, torch.Tensor], i: int, d: int) -> Any:
         def fn(_mod: Any, _inp: Any, out: torch.Tensor) -> None:
+            if self.batched:
+                store[i] = out.detach().view(out.shape[0], out.shape[1], -1, d)
+                return
             if out.shape[0] != 1:
-                raise ValueError("QKCapture supports batch size 1 only")
+                raise ValueError("QKCapture supports batch size 1 only (or batched=True)")
             store[i] = out[0].detach().view(out.shape[1], -1, d)
         return fn
 
@@ -97,12 +108,27 @@ def capture_qk(model: Any, input_ids: torch.Tensor, shape: ModelShape
     return cap.q, cap.k
 
 
+GroundTruth = Callable[..., torch.Tensor]
+
+
+def default_ground_truth(device: torch.device) -> GroundTruth:
+    """The Triton ground-truth kernel on CUDA, the plain-PyTorch reference elsewhere."""
+    if device.type == "cuda":
+        from vllm_seer.kernels.ground_truth import block_attn_ground_truth
+
+        return block_attn_ground_truth
+    return block_attn_ground_truth_ref
+
+
 def layer_features(q_pre: torch.Tensor, k_pre: torch.Tensor, inv_freq: torch.Tensor,
-                   block_size: int) -> dict[str, torch.Tensor]:
+                   block_size: int, ground_truth: GroundTruth = block_attn_ground_truth_ref
+                   ) -> dict[str, torch.Tensor]:
     """Features of one layer for one sequence.
 
     Args:
         q_pre: ``[T, Hq, D]``; k_pre: ``[T, Hkv, D]`` (pre-RoPE, positions ``0 .. T-1``).
+        ground_truth: reference or Triton kernel (same signature); fed post-RoPE q / k in the
+            input dtype (the model's, as its own attention sees them).
     Returns:
         ``q_gate [nqb, Hq, D]``, ``k_pooled [nkb, Hkv, 3D]``, ``target [Hq, nqb, nkb]`` (fp32).
     """
@@ -112,8 +138,9 @@ def layer_features(q_pre: torch.Tensor, k_pre: torch.Tensor, inv_freq: torch.Ten
     inv = inv_freq.to(dev)
     q_pooled, _ = pool_q(q_pre, 0, block_size)
     q_gate = rotate(q_pooled, torch.arange(q_pooled.shape[0], device=dev) * block_size, inv)
-    target = block_attn_ground_truth_ref(rotate(q_pre, pos, inv), rotate(k_pre, pos, inv),
-                                         block_size=block_size)
+    dt = q_pre.dtype
+    target = ground_truth(rotate(q_pre, pos, inv).to(dt), rotate(k_pre, pos, inv).to(dt),
+                          block_size=block_size)
     return {"q_gate": q_gate, "k_pooled": pool_k(k_pre, block_size), "target": target}
 
 
@@ -131,3 +158,49 @@ def sequence_features(model: Any, input_ids: torch.Tensor, shape: ModelShape, sp
     per_layer = [layer_features(qs[i], ks[i], inv, block_size) for i in range(shape.num_layers)]
     return {name: torch.stack([f[name] for f in per_layer]).to("cpu", dtype)
             for name in ("q_gate", "k_pooled", "target")}
+
+
+class ModelSource:
+    """Training features of packed token windows, extracted on the fly (a ``FeatureSource``).
+
+    ``batch(indices)`` runs the frozen model on ``forward_batch`` windows at a time and returns
+    ``q_gate [B, L, nqb, Hq, D]``, ``k_pooled [B, L, nkb, Hkv, 3D]``, ``target [B, L, Hq, nqb, nkb]``
+    fp32 on the model's device. ``seconds`` / ``tokens`` count the extraction work done.
+    """
+
+    def __init__(self, model: Any, windows: Sequence[torch.Tensor], spec: RopeSpec,
+                 block_size: int = 64, forward_batch: int = 4,
+                 ground_truth: GroundTruth | None = None) -> None:
+        self.model, self.windows, self.block_size = model, list(windows), block_size
+        self.shape = ModelShape.from_hf_config(model.config)
+        self.device = next(model.parameters()).device
+        self.inv = spec.inv_freq().to(self.device)
+        self.forward_batch = forward_batch
+        self.ground_truth = ground_truth or default_ground_truth(self.device)
+        self.tokens_per_item = int(self.windows[0].numel()) if self.windows else 0
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    @torch.no_grad()
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        out: dict[str, list[torch.Tensor]] = {"q_gate": [], "k_pooled": [], "target": []}
+        inner = getattr(self.model, "model", self.model)
+        for i in range(0, len(indices), self.forward_batch):
+            ids = torch.stack([self.windows[j] for j in indices[i:i + self.forward_batch]])
+            with QKCapture(self.model, self.shape, batched=True) as cap:
+                inner(input_ids=ids.to(self.device), use_cache=False)
+            for b in range(ids.shape[0]):
+                per = [layer_features(cap.q[layer][b], cap.k[layer][b], self.inv, self.block_size,
+                                      self.ground_truth) for layer in range(self.shape.num_layers)]
+                for name in out:
+                    out[name].append(torch.stack([f[name] for f in per]).float())
+        return {name: torch.stack(v) for name, v in out.items()}
+
+    def features(self, indices: list[int], chunk: int = 4) -> list[dict[str, torch.Tensor]]:
+        """Per-window feature dicts (e.g. a held-out set kept for repeated evaluation)."""
+        items = []
+        for i in range(0, len(indices), chunk):
+            b = self.batch(indices[i:i + chunk])
+            items.extend({k: v[j] for k, v in b.items()} for j in range(len(b["target"])))
+        return items
