@@ -5,6 +5,8 @@ Documents are the ``.py`` source files of the running interpreter's standard lib
 text that every machine has without network access. Each document is identified by its path
 relative to the stdlib root, and the train / held-out split is decided per document by a hash of
 that relative path, so it is deterministic and independent of file order or Python patch version.
+English prose (Debian documentation packages as plain text, ``scripts/get-prose.sh``) lives in
+:func:`prose_root` and is split the same way (``suffixes=(".txt",)``).
 
 Sequences are non-overlapping windows of ``seq_len`` tokens cut from a single document (no document
 boundaries inside a sequence); documents shorter than ``seq_len`` tokens are skipped.
@@ -13,6 +15,7 @@ boundaries inside a sequence); documents shorter than ``seq_len`` tokens are ski
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -39,6 +42,20 @@ class Document:
 def stdlib_root() -> Path:
     """The standard-library folder of the running interpreter."""
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def prose_root() -> Path:
+    """The plain-text prose corpus written by ``scripts/get-prose.sh`` (``.cache/prose/text``).
+
+    ``$VLLM_SEER_PROSE`` overrides the folder. Raises ``FileNotFoundError`` (naming the script)
+    when it has not been fetched.
+    """
+    env = os.environ.get("VLLM_SEER_PROSE")
+    root = Path(env) if env else Path(__file__).resolve().parents[2] / ".cache" / "prose" / "text"
+    if not (root.is_dir() and any(root.rglob("*.txt"))):
+        raise FileNotFoundError(f"prose corpus {root} is missing or empty: run scripts/get-prose.sh "
+                                "(Debian documentation packages, needs a Debian mirror)")
+    return root
 
 
 def split_of(name: str, heldout_permille: int = 100) -> str:
