@@ -17,6 +17,7 @@ DELEGATED = {
     "prepare-model": ("vllm_seer.train.prepare_model", "prepare_model_main"),
     "train-gates": ("vllm_seer.train.cli", "train_gates_main"),
     "eval": ("vllm_seer.eval.cli", "eval_main"),
+    "eval-suite": ("vllm_seer.eval.suite_cli", "eval_suite_main"),
 }
 
 

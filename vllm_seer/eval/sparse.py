@@ -120,14 +120,22 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 @dataclass
 class EvalState:
-    """The active selector and the density it achieved (active / causal blocks, all layers)."""
+    """The active selector and the density it achieved (active / causal blocks, all layers).
+
+    With ``track_heads`` it also keeps, per layer, the active blocks of each query head
+    (``heads[layer]``: ``[Hq]`` fp64) and that layer's causal blocks per head (``head_causal``).
+    """
 
     selector: Selector = field(default_factory=lambda: Selector("dense"))
     active: float = 0.0
     causal: float = 0.0
+    track_heads: bool = False
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    head_causal: dict[int, float] = field(default_factory=dict)
 
-    def reset(self, selector: Selector) -> None:
+    def reset(self, selector: Selector, track_heads: bool = False) -> None:
         self.selector, self.active, self.causal = selector, 0.0, 0.0
+        self.track_heads, self.heads, self.head_causal = track_heads, {}, {}
 
     @property
     def density(self) -> float:
@@ -147,11 +155,23 @@ def seer_eval_attention(module: Any, query: torch.Tensor, key: torch.Tensor, val
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     sel = STATE.selector
     scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
-    mask = sel.mask(int(module.layer_idx), q, k)
+    if q.shape[0] != k.shape[0]:  # decode step(s) on a KV cache: dense (Seer is prefill-only)
+        tq, tk = q.shape[0], k.shape[0]
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, scale=scale, enable_gqa=True)
+        return o.transpose(1, 2), None
+    layer = int(module.layer_idx)
+    mask = sel.mask(layer, q, k)
     nb = -(-q.shape[0] // sel.block_size)
     causal = nb * (nb + 1) / 2 * q.shape[1]
     STATE.causal += causal
     STATE.active += causal if mask is None else float(mask.sum())
+    if STATE.track_heads:
+        per = (torch.full((q.shape[1],), causal / q.shape[1], dtype=torch.float64) if mask is None
+               else mask.sum((1, 2)).to("cpu", torch.float64))
+        STATE.heads[layer] = STATE.heads.get(layer, 0) + per
+        STATE.head_causal[layer] = STATE.head_causal.get(layer, 0.0) + causal / q.shape[1]
     if mask is None:
         o = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scale, enable_gqa=True)
