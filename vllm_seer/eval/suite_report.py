@@ -166,13 +166,15 @@ def _fmt_goal(v: Any) -> str:
 
 def markdown(results: dict[str, Any], summ: dict[str, Any]) -> str:
     """The report: goals, perplexity tables per corpus, generation tables (dense-passing cells)."""
+    trained = (f"gates trained on {summ['train_distinct_tokens']} distinct tokens of "
+               f"{summ['train_seq_len']}-token sequences ({summ['train_record']})"
+               if summ["train_record"] is not None
+               else f"gate training metadata unknown: {summ['train_record_missing_reason']}")
     lines = [f"# Accuracy suite: {summ.get('model')} + {summ.get('gates')}", "",
-             f"Date {summ['date']}, device {summ['device']}, dtype {summ.get('dtype')}; gates "
-             f"trained on {summ['train_distinct_tokens']} distinct tokens of "
-             f"{summ['train_seq_len']}-token sequences"
-             + (f" ({summ['train_record_missing_reason']})" if summ["train_record"] is None
-                else "") + ".", "", f"CI: {summ['ci_method']}.", "", "## Goals", "",
-             "| goal | value |", "|---|---|"]
+             f"Date {summ['date']}, device {summ['device']}, dtype {summ.get('dtype')}; "
+             f"{trained}.", "", f"CI: {summ['ci_method']}. Top-k selectors at the same nz_ratio "
+             "share one block budget (matched density); the achieved density is in parentheses.",
+             "", "## Goals", "", "| goal | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt_goal(v)} |" for k, v in summ["goals"].items()]
     pc, gc = ppl_cells(results), gen_cells(results)
     for corpus in CORPORA:
