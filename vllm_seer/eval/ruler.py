@@ -146,7 +146,9 @@ def make_sample(tok: Any, words: list[str], task: str, length: int, seed: int,
     if task == "passkey":
         if depth is None:
             raise ValueError("the passkey task needs a depth")
-        ids, start, key = passkey_prompt(tok, length - new, depth, seed)
+        # the key's seed mixes length and depth (as `vllm-seer eval` does) so cells differ
+        ids, start, key = passkey_prompt(tok, length - new, depth,
+                                         seed * 7919 + length + int(depth * 100))
         return Sample(task, length, seed, depth, tuple(ids[:start].tolist()), (key,), new)
     per = _ntok(tok, FILLER)
     if task in ("niah_single", "niah_multikey", "niah_multivalue"):
