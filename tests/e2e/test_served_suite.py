@@ -2,7 +2,7 @@
 selector, fp32 CPU) and the same cells through a real ``vllm serve`` with the Seer backend.
 
 CI size (:data:`vllm_seer.eval.suite.SIZES` ``"ci"``): 1024 tokens, one held-out window per corpus
-(code and prose), one sample of the pass key and of three RULER-style tasks, top-k budget nz_ratio
+(code and prose), one sample of the pass key and of two RULER-style tasks, top-k budget nz_ratio
 0.3. Served and offline run fp32 with every prompt one prefill step (see
 :mod:`vllm_seer.eval.served`), so the tolerances are those of the served perplexity test
 (``tests/e2e/test_served_eval.py``): perplexity 1e-4 relative, density 1e-4 absolute, and the
