@@ -45,8 +45,6 @@ export VLLM_SEER_PROSE=/tmp/prose
 mkdir -p "$FID" "$OUT"
 args=("$M" --gates "${GATES:-vllm_seer/assets/gates/smollm2-135m}" --size "${SIZE:-full}"
       --results "$FID/raw.json" --out "$FID" --name fidelity-smollm2)
-# the committed default gates were trained by the H100 run that record describes
-[[ -z ${GATES:-} ]] && TRAIN_RECORD=${TRAIN_RECORD:-benchmarks/results/train-smollm2-h100.json}
 [[ -n ${TRAIN_RECORD:-} ]] && args+=(--train-record "$TRAIN_RECORD")
 entry="import sys; from vllm_seer.eval.suite_cli import eval_suite_main as m; sys.exit(m(sys.argv[1:]))"
 start=$(date +%s)
