@@ -52,7 +52,10 @@ def run_served(suite: Suite, model_dir: Path, gates: Path, settings: list[Settin
             continue
         cfg = st.seer_config(gates)
         log.info("serving %s with %s", model_dir, st.label)
-        with SeerServer(model_dir, cfg, flags, startup_timeout=startup_timeout) as srv:
+        # an 8192-token window + the one generated token exceeds SmolLM2's 8192 positions: let
+        # --max-model-len go past it (the extra position only feeds the unused generated token)
+        with SeerServer(model_dir, cfg, flags, startup_timeout=startup_timeout,
+                        env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}) as srv:
             sess = ServedSession(srv, sparse=cfg is not None)
             for key, ids in tqdm(ppl_todo, desc=f"served ppl {st.label}"):
                 ppl, dens = sess.perplexity(ids.tolist())
