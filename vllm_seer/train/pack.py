@@ -63,7 +63,10 @@ def prose_root() -> Path:
     """The prose folder filled by ``scripts/get-prose.sh`` (``data.prose_root`` when present)."""
     fn = getattr(corpus_data, "prose_root", None)
     if callable(fn):
-        return Path(fn())
+        try:
+            return Path(fn())
+        except FileNotFoundError:  # not fetched: the default folder, which the caller reports
+            pass
     return Path(__file__).resolve().parents[2] / ".cache" / "prose" / "text"
 
 
