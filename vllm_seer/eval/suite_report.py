@@ -113,8 +113,9 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_record(gates: Path) -> tuple[dict[str, Any] | None, str]:
-    """The gate checkpoint's training metadata: ``gates/train_record.json`` (what ``vllm-seer
-    train-gates`` records) or a ``training`` object in ``gates/config.json``; (record, source)."""
+    """The gate checkpoint's training metadata, ``(record, source)``: ``gates/train_record.json``
+    (a copy of ``vllm-seer train-gates``' ``STATE/log.json``, or the older trainer's record) or a
+    ``training`` object in ``gates/config.json``; ``(None, reason)`` when there is none."""
     rec = gates / "train_record.json"
     if rec.is_file():
         return json.loads(rec.read_text()), str(rec)
@@ -124,7 +125,7 @@ def training_record(gates: Path) -> tuple[dict[str, Any] | None, str]:
         if isinstance(training, dict):
             return training, f"{cfg} (training)"
     return None, (f"no training metadata in {gates} (neither train_record.json nor a 'training' "
-                  "object in config.json); pass --train-record")
+                  "object in config.json); pass --train-record (train-gates writes STATE/log.json)")
 
 
 def summary(results: dict[str, Any], record: dict[str, Any] | None, record_source: str
