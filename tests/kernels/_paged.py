@@ -99,3 +99,13 @@ def fp8_batch(batch: PagedBatch, k_scale: float, v_scale: float,
         keys.append(k8[ids].float().reshape(-1, *k8.shape[2:])[:L] * k_scale)
     return PagedBatch(q, k8, v8, batch.block_table, batch.cu_seqlens_q, batch.seq_lens, keys,
                       batch.n_new)
+
+
+def assert_split_ran(work, count: torch.Tensor, split: tuple[int, int]) -> None:
+    """After a sparse prefill with a ``SplitWork`` of ``split = (split_blocks, capacity)``: rows
+    longer than ``split_blocks`` exist, some of them took slices (all of them unless the capacity
+    overflowed), and the overflow happened exactly when more slices were asked than fit."""
+    n_split = int((count > split[0]).sum())
+    taken = int((work.row_slot[:count.numel()] >= 0).sum())
+    assert n_split > 0 and 0 < taken <= n_split
+    assert (taken < n_split) == (int(work.counter) > split[1])

@@ -13,7 +13,14 @@ import math
 
 import pytest
 import torch
-from _paged import DEVICE, fp8_batch, make_batch, random_block_masks, to_fp8
+from _paged import (
+    DEVICE,
+    assert_split_ran,
+    fp8_batch,
+    make_batch,
+    random_block_masks,
+    to_fp8,
+)
 from vllm_seer.kernels.paged_pool import pool_k_paged_ref, pool_q_varlen_ref
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
 
@@ -72,10 +79,7 @@ def _attn(case: tuple, q_dtype: torch.dtype, q_fp8: bool, split: tuple[int, int]
     assert torch.isfinite(ref).all()  # every row's list holds its diagonal block
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     if work is not None:  # the split path really ran (and, with a small capacity, overflowed)
-        n_split = int((count > split[0]).sum())
-        taken = int((work.row_slot[:count.numel()] >= 0).sum())
-        assert n_split > 0 and 0 < taken <= n_split
-        assert (taken < n_split) == (int(work.counter) > split[1])
+        assert_split_ran(work, count, split)
 
 
 def test_references_read_float8_times_scale() -> None:

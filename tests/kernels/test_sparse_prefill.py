@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _paged import DEVICE, make_batch, random_block_masks
+from _paged import DEVICE, assert_split_ran, make_batch, random_block_masks
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
 
 # (seq_lens, n_new, Hq, Hkv, D, page_size, layout, block_size, density)
@@ -50,10 +50,7 @@ def _run(case: tuple, dtype: torch.dtype, max_kblocks_pad: int = 0,
     assert got is out
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     if work is not None:  # the split path really ran (and, with a small capacity, overflowed)
-        n_split = int((count > split[0]).sum())
-        taken = int((work.row_slot[:count.numel()] >= 0).sum())
-        assert n_split > 0 and 0 < taken <= n_split
-        assert (taken < n_split) == (int(work.counter) > split[1])
+        assert_split_ran(work, count, split)
 
 
 @pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
