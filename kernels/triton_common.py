@@ -23,3 +23,17 @@ def cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.con
         c = 1.0
         s = 0.0
     return c, s
+
+
+@triton.jit
+def request_blocks(cu_ptr, lens_ptr, b, BLOCK: tl.constexpr):
+    """This step's rows of request ``b`` in gate blocks (int64): ``(q_lo, start, seq_len, qb0,
+    nqb)``: its first packed query row, the first and past-the-last position of its rows, its first
+    absolute query block and how many query blocks its rows touch (0 when it has no rows)."""
+    q_lo = tl.load(cu_ptr + b).to(tl.int64)
+    n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
+    seq_len = tl.load(lens_ptr + b).to(tl.int64)
+    start = seq_len - n
+    qb0 = start // BLOCK
+    nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
+    return q_lo, start, seq_len, qb0, nqb

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, scale_arg
-from vllm_seer.kernels.triton_common import cos_sin
+from vllm_seer.kernels.triton_common import cos_sin, request_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -100,12 +100,7 @@ def _pool_q_block(
 
     q: ``[T, HQ, 2*HALF]``; out: ``[B, MQB, HQ, 2*HALF]``. Blocks past the request's rows write
     nothing."""
-    q_lo = tl.load(cu_ptr + b).to(tl.int64)
-    n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
-    seq_len = tl.load(lens_ptr + b).to(tl.int64)
-    start = seq_len - n
-    qb0 = start // BLOCK
-    nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
+    q_lo, start, seq_len, qb0, nqb = request_blocks(cu_ptr, lens_ptr, b, BLOCK)
     if j < nqb:
         pos = (qb0 + j) * BLOCK + tl.arange(0, BLOCK)
         ok = (pos >= start) & (pos < seq_len)

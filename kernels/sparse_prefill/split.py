@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from vllm_seer.kernels.triton_common import request_blocks
 
 
 @dataclass
@@ -80,12 +81,7 @@ def row_geometry(row, cu_ptr, lens_ptr, MQB, HQ: tl.constexpr, BLOCK: tl.constex
     j = row % MQB
     h = ((row // MQB) % HQ).to(tl.int64)
     b = (row // (MQB * HQ)).to(tl.int64)
-    q_lo = tl.load(cu_ptr + b).to(tl.int64)
-    n = tl.load(cu_ptr + b + 1).to(tl.int64) - q_lo
-    seq_len = tl.load(lens_ptr + b).to(tl.int64)
-    start = seq_len - n
-    qb0 = start // BLOCK
-    nqb = tl.where(n > 0, (seq_len - 1) // BLOCK - qb0 + 1, 0)
+    q_lo, start, seq_len, qb0, nqb = request_blocks(cu_ptr, lens_ptr, b, BLOCK)
     return j, h, b, q_lo, start, seq_len, qb0 + j, nqb
 
 
