@@ -58,6 +58,32 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def selector_family(label: str) -> str:
+    """The line a selector's result goes on in a perplexity-vs-density plot: ``"dense"``, or
+    its name and kind, e.g. ``"seer top-k"`` (``nz=`` settings) or ``"seer threshold"``."""
+    if label == "dense":
+        return "dense"
+    return f"{label.split()[0]} {'top-k' if 'nz=' in label else 'threshold'}"
+
+
+def dress_density_axes(ax: Any, title: str) -> None:
+    """Title, axis labels and grid of one perplexity-vs-achieved-density panel."""
+    ax.set_title(title)
+    ax.set_xlabel("achieved block density")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig: Any, axes: Any, path: Path) -> None:
+    """Legend on the first panel, tight layout, written to ``path`` (120 dpi), figure closed."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Perplexity vs achieved density, one panel per length, one line per selector family."""
     import matplotlib
@@ -73,23 +99,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for (m, lab), (ppl, dens, _) in agg.items():
             if m != n:
                 continue
-            fam = lab.split()[0] if lab == "dense" else " ".join(
-                [lab.split()[0], "top-k" if "nz=" in lab else "threshold"])
-            fams[fam].append((dens, ppl))
+            fams[selector_family(lab)].append((dens, ppl))
         for fam, pts in sorted(fams.items()):
             pts.sort()
             if fam == "dense":
                 ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="dense")
             else:
                 ax.plot([d for d, _ in pts], [p for _, p in pts], marker="o", label=fam)
-        ax.set_title(f"{n} tokens")
-        ax.set_xlabel("achieved block density")
-        ax.set_ylabel("perplexity")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        dress_density_axes(ax, f"{n} tokens")
+    save_figure(fig, axes, path)
 
 
 def write_report(results: dict[str, Any], md_path: Path | None, png_path: Path | None) -> None:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from vllm_seer.eval.report import dress_density_axes, save_figure, selector_family
 from vllm_seer.eval.suite import CORPORA, DENSE_PASS
 
 RESAMPLES = 2000
@@ -247,9 +248,8 @@ def plot_ppl(results: dict[str, Any], path: Path) -> None:
             for (c, m, lab), v in pc.items():
                 if c != corpus or m != n:
                     continue
-                fam = "dense" if lab == "dense" else (
-                    f"{lab.split()[0]} {'top-k' if 'nz=' in lab else 'threshold'}")
-                fams[fam].append((v["density"], v["mean"], v["mean"] - v["lo"], v["hi"] - v["mean"]))
+                fams[selector_family(lab)].append(
+                    (v["density"], v["mean"], v["mean"] - v["lo"], v["hi"] - v["mean"]))
             for fam, pts in sorted(fams.items()):
                 pts.sort()
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -258,14 +258,8 @@ def plot_ppl(results: dict[str, Any], path: Path) -> None:
                     ax.axhline(ys[0], color="k", ls="--", lw=1, label="dense")
                 else:
                     ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=fam)
-            ax.set_title(f"{corpus}, {n} tokens")
-            ax.set_xlabel("achieved block density")
-            ax.set_ylabel("perplexity")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            dress_density_axes(ax, f"{corpus}, {n} tokens")
+    save_figure(fig, axes, path)
 
 
 def plot_heatmap(results: dict[str, Any], path: Path) -> None:
