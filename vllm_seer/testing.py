@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -148,8 +149,14 @@ class SeerServer:
     def post(self, path: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
         req = urllib.request.Request(self.url + path, json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            # what the server said and logged, so that a failure elsewhere (CI) can be diagnosed
+            e.add_note(f"POST {path} -> HTTP {e.code}: {e.read()[:2000]!r}\n"
+                       f"--- server log (tail) ---\n{self.log()[-6000:]}")
+            raise
 
     def completion(self, prompt: str | list[int], max_tokens: int = 16) -> dict[str, Any]:
         """Greedy completion; returns the first choice (``text`` and ``token_ids`` when given)."""
