@@ -60,13 +60,12 @@ def test_mask_keeps_the_obvious_blocks(col: int, off: int):
     assert m[:, rows, rows - d].all(), "the hot diagonal is a slash"
     assert m[:, :, 0].all() and m.diagonal(dim1=1, dim2=2).all()  # sink vertical, diagonal
     assert m[:, 1:, :].diagonal(dim1=1, dim2=2).all()  # offsets < 100 reach block diagonal 1
-    # the budget: top-k's blocks per row summed; the forced items (sink column, block diagonals
-    # 0 and 1) and the two hot ones fit, and at most one more item is taken after the budget
+    # the budget: top-k's blocks per row summed over the rows below the two dense ones; the
+    # forced items (sink column, block diagonals 0 and 1) and the two hot ones fit within it
     k_row = topk_count(nb, nz)
-    budget = int(torch.clamp(qb + 1, max=k_row).sum())
-    last_two = int(m[:, nb - 2:].sum(dim=(1, 2))[0])
-    active = int(m[0].sum()) - last_two
-    assert active <= budget + nb
+    budget = int(torch.clamp(qb[: nb - 2] + 1, max=k_row).sum())
+    active = m[:, : nb - 2].sum(dim=(1, 2))
+    assert (active <= budget).all()
     # and an unrelated pattern does not get the same blocks
     other = vertical_slash_mask(*_pattern(t, 12, 700), nz, B, scale=1.0)
     assert not torch.equal(other, m)
@@ -87,3 +86,33 @@ def test_selector_kind_and_density_falls_with_nz_ratio():
         Selector("vslash", "threshold").mask(0, q, k)
     with pytest.raises(ValueError, match="expected one of"):
         Selector("nope").mask(0, q, k)
+
+
+@pytest.mark.parametrize("t", [2048, 4096, 8192])
+@pytest.mark.parametrize("nz", [0.1, 0.3, 0.5])
+def test_density_within_the_topk_budget(t: int, nz: float):
+    """Matched density: the union of the taken items (overlaps counted once) never exceeds the
+    top-k budget of the other selectors, and fills it to within one item (at most ``nb`` blocks)."""
+    torch.manual_seed(t)
+    q, k = torch.randn(t, 3, 16), torch.randn(t, 1, 16)
+    nb = t // B
+    m = vertical_slash_mask(q, k, nz, B)
+    qb = torch.arange(nb)
+    budget = int(torch.clamp(qb[: nb - 2] + 1, max=topk_count(nb, nz)).sum())
+    active = m[:, : nb - 2].sum(dim=(1, 2))
+    assert (active <= budget).all() and (active > budget - nb).all(), (active, budget)
+    assert m[:, nb - 2:].sum() == 3 * (2 * nb - 1)  # the last two rows dense
+
+
+def test_forced_sets_only_within_the_budget():
+    """At 2k tokens and nz_ratio 0.1 top-k keeps one block per row: the diagonal alone. The sink
+    column and the second block diagonal (MInference's forced first 30 keys / 100 offsets) do not
+    fit and are not taken, so the selector does not get 1.4x the others' density."""
+    t = 2048
+    nb = t // B
+    assert topk_count(nb, 0.1) == 1
+    q, k = torch.randn(t, 2, 16), torch.randn(t, 1, 16)
+    m = vertical_slash_mask(q, k, 0.1, B)
+    qb = torch.arange(nb)
+    want = (qb[:, None] == qb[None, :]) | ((qb[:, None] >= nb - 2) & (qb[None, :] <= qb[:, None]))
+    assert torch.equal(m, want.expand(2, nb, nb))

@@ -21,11 +21,14 @@ definitions and the two forced sets (first 30 keys, offsets below 100). What dif
   ``qb >= d``. (MInference's token-level slash covers parts of two adjacent block diagonals.)
 * **One budget instead of two tuned sizes.** MInference takes ``vertical_size`` / ``slash_size``
   per head from an offline search. Here both kinds are merged into one ranking by score (both are
-  attention mass of the same 64 queries, so they compare); the forced ones are always taken, then
-  the rest in that order until the blocks they cover (without overlap) reach the top-k budget of
-  the other selectors,
-  ``sum over rows of min(k, qb + 1)`` with ``k = topk_count(nkb, nz_ratio)``. Overlaps make the
-  achieved density a little lower; the evaluation reports the achieved density.
+  attention mass of the same 64 queries, so they compare), the forced ones first, and taken in that
+  order while the blocks they add to the union (overlaps counted once) keep the total within the
+  top-k budget of the other selectors, ``sum over rows of min(k, qb + 1)`` with
+  ``k = topk_count(nkb, nz_ratio)`` over the rows below the two dense last ones; an item that does
+  not fit is skipped and smaller ones after it may still fit. The block diagonal comes first (every
+  selector keeps it). So the forced sets are forced only within the budget: at 2k tokens and
+  ``nz_ratio`` 0.1 (``k`` = 1) the budget is the diagonal alone, and without this rule the sink
+  column and the second block diagonal alone would take the selector to 1.4x the others' density.
 * **Every head uses vertical-slash.** MInference assigns each head one of three patterns offline
   (A-shape, vertical-slash, block-sparse); vertical-slash is its general one.
 * Like the other selectors the diagonal block is always active and the last two query-block rows
@@ -89,18 +92,45 @@ def vertical_slash_mask(q: torch.Tensor, k: torch.Tensor, nz_ratio: float, block
     blk = torch.arange(nb, device=q.device)
     v_blk[:, blk * b < SINK_TOKENS] = float("inf")
     s_blk[:, blk * b < LOCAL_OFFSETS] = float("inf")
-    # items: nb verticals (covering nb - kb blocks) then nb block diagonals (nb - d blocks)
+    # items: nb verticals then nb block diagonals, forced ones (inf) first, then by score
     score = torch.cat((v_blk, s_blk), dim=1)  # [Hq, 2 nb]
-    size = (nb - torch.cat((blk, blk))).to(torch.float32)
-    kk = topk_count(nb, nz_ratio)
-    budget = float(torch.clamp(blk + 1, max=kk).sum())
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    before = torch.cumsum(size[order], dim=1) - size[order]  # blocks taken before each item
-    take = (before < budget) | torch.isinf(score.gather(1, order))  # forced ones always
-    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, take)
-    keep_v, keep_s = keep[:, :nb], keep[:, nb:]
+    budget = int(torch.clamp(blk[: max(nb - 2, 0)] + 1, max=topk_count(nb, nz_ratio)).sum())
+    mask = _budgeted_union(order, nb, budget)
     qb, kb = blk[:, None], blk[None, :]
-    diag_of = (qb - kb).clamp(min=0)  # [nb, nb]
-    mask = keep_v[:, None, :] | keep_s[:, diag_of]
     mask = mask | (qb == kb) | (qb >= nb - 2)
     return mask & (kb <= qb)
+
+
+def _budgeted_union(order: torch.Tensor, nb: int, budget: int) -> torch.Tensor:
+    """Union of the items of ``order`` taken greedily while it stays within ``budget`` blocks.
+
+    Args:
+        order: ``[H, 2 nb]`` item ids by rank (``i < nb``: vertical block column ``i``, active in
+            rows ``qb >= i``; else block diagonal ``d = i - nb``, active at ``(qb, qb - d)``).
+        budget: blocks allowed in the rows ``qb < nb - 2`` (the diagonal included, which is taken
+            first).
+    Returns:
+        ``[H, nb, nb]`` bool union of the taken items (rows ``qb >= nb - 2`` not set).
+    """
+    h = order.shape[0]
+    dev = order.device
+    blk = torch.arange(nb, device=dev)
+    qb, kb = blk[None, :, None], blk[None, None, :]
+    counted = (qb < nb - 2) & (kb <= qb)  # [1, nb, nb]
+    cur = (qb == kb) & counted
+    cur = cur.expand(h, nb, nb).clone()
+    used = cur.sum(dim=(1, 2))  # [H]
+    for j in range(order.shape[1]):
+        if bool((used >= budget).all()):
+            break
+        item = order[:, j][:, None, None]  # [H, 1, 1]
+        vertical = item < nb
+        idx = torch.where(vertical, item, item - nb)
+        cover = torch.where(vertical, kb == idx, (qb - kb) == idx) & counted
+        new = cover & ~cur
+        gain = new.sum(dim=(1, 2))
+        take = (used + gain) <= budget
+        cur |= new & take[:, None, None]
+        used += gain * take
+    return cur
