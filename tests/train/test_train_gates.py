@@ -201,8 +201,19 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     assert mod.main(["dry-run", "--work", str(tmp_path / "w")]) == 0
     plan = json.loads((tmp_path / "w" / "gpu-train" / "call1" / "plan.json").read_text())
     assert plan["calls"] >= 2 and len(plan["model"]["parts"]) >= 2
-    finals = sorted((tmp_path / "w").glob("out*/state/log.json"))
-    assert json.loads(finals[-1].read_text())["finished"]
+    outs = sorted((tmp_path / "w").glob("out*"), key=lambda d: int(d.name[3:]))
+    assert json.loads((outs[-1] / "log.json").read_text())["finished"]
+    for out in outs:  # what comes back from $OUT: at most 8 plain files of at most 16 MiB
+        files = list(out.iterdir())
+        assert len(files) <= 8 and all(f.is_file() and f.stat().st_size <= 16 * 2**20
+                                       for f in files), files
+    # the returned parts join to the state (sha256 checked), at the step the manifest names
+    manifest = json.loads((outs[-1] / "state.tar.json").read_text())
+    assert mod.unpack_state(outs[-1], tmp_path / "state") == manifest["step"] == 6
+    assert (tmp_path / "state" / "state.json").is_file()
+    (outs[-1] / manifest["parts"][0]).write_bytes(b"x")
+    with pytest.raises(SystemExit, match="sha256"):
+        mod.unpack_state(outs[-1], tmp_path / "state2")
 
 
 def test_batched_extraction_matches_per_sequence_features(tiny: tuple[Path, Path]) -> None:
