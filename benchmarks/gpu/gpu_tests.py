@@ -7,6 +7,15 @@ Usage on the GPU host (after ``. benchmarks/gpu/setup_host.sh``)::
 
 The trees are passed in because the GPU host gets a copy of the working tree without ``.git``:
 commit first, so that they name what ran.
+
+Where one call cannot hold the whole group, run it in parts (pytest paths after ``--out``), then
+here::
+
+    python3 benchmarks/gpu/gpu_tests.py record PART.json [PART.json ...] --note "..."
+
+merges the parts (same device, versions and trees, or it refuses) into one entry, moves the
+previous top level of ``benchmarks/results/gpu-tests.json`` to the end of its ``history``
+(oldest first) and writes it.
 """
 
 from __future__ import annotations
@@ -18,9 +27,65 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
+
+SAME = ("device", "versions", "kernels_tree", "backend_tree")
+
+
+def merge_parts(parts: list[dict], note: str) -> dict:
+    """One entry from the entries of a group run in parts; raises ``ValueError`` when they differ
+    in device, versions or trees (then they are not one run of one code)."""
+    if not parts:
+        raise ValueError("record: no part entries given")
+    for key in SAME:
+        seen = {json.dumps(p.get(key), sort_keys=True) for p in parts}
+        if len(seen) > 1:
+            raise ValueError(f"record: the parts differ in {key!r}: {sorted(seen)}")
+    if any(p.get(k) is None for k in ("kernels_tree", "backend_tree") for p in parts):
+        raise ValueError("record: a part has no kernels_tree / backend_tree (set KERNELS_TREE and "
+                         "BACKEND_TREE when running it)")
+    entry = {k: parts[0][k] for k in SAME}
+    entry["date"] = max(p["date"] for p in parts)
+    for k in ("passed", "failed", "skipped"):
+        entry[k] = sum(int(p[k]) for p in parts)
+    entry["failed_tests"] = [t for p in parts for t in p["failed_tests"]]
+    entry["pytest_rc"] = max(int(p["pytest_rc"]) for p in parts)
+    entry["parts"] = len(parts)
+    entry["note"] = note
+    return entry
+
+
+def record(paths: list[str], note: str, results: str) -> dict:
+    """Merge the part files and make the result the top level of ``results`` (the old top level
+    is appended to its history, which runs oldest first)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    entry = merge_parts(parts, note)
+    try:
+        with open(results) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        old = None
+    history = []
+    if old is not None:
+        history = old.pop("history", [])
+        history = [*history, old]
+    entry["history"] = history
+    with open(results, "w") as f:
+        json.dump(entry, f, indent=1)
+        f.write("\n")
+    return entry
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["record"]:
+        ap = argparse.ArgumentParser(prog="gpu_tests.py record")
+        ap.add_argument("parts", nargs="+")
+        ap.add_argument("--note", required=True)
+        ap.add_argument("--results", default="benchmarks/results/gpu-tests.json")
+        a = ap.parse_args(sys.argv[2:])
+        entry = record(a.parts, a.note, a.results)
+        print(json.dumps({k: v for k, v in entry.items() if k != "history"}, indent=1))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("pytest_args", nargs="*", default=["tests"])
