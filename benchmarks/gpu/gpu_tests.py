@@ -65,11 +65,7 @@ def record(paths: list[str], note: str, results: str) -> dict:
             old = json.load(f)
     except FileNotFoundError:
         old = None
-    history = []
-    if old is not None:
-        history = old.pop("history", [])
-        history = [*history, old]
-    entry["history"] = history
+    entry["history"] = [*old.pop("history", []), old] if old is not None else []
     with open(results, "w") as f:
         json.dump(entry, f, indent=1)
         f.write("\n")

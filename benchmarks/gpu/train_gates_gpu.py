@@ -217,7 +217,7 @@ def pack_state(state: Path, out: Path, part_mib: float = RETURN_PART_MIB) -> dic
     for name in ("log.json", "loss.png"):
         if (state / name).is_file():
             shutil.copy2(state / name, out / name)
-    files = len(parts) + 1 + sum((state / n).is_file() for n in ("log.json", "loss.png"))
+    files = sum(1 for _ in out.iterdir())
     if files > 8:
         print(f"warning: {files} files in $OUT, more than the 8 that come back", flush=True)
     return manifest

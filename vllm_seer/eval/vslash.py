@@ -96,9 +96,8 @@ def vertical_slash_mask(q: torch.Tensor, k: torch.Tensor, nz_ratio: float, block
     score = torch.cat((v_blk, s_blk), dim=1)  # [Hq, 2 nb]
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     budget = int(torch.clamp(blk[: max(nb - 2, 0)] + 1, max=topk_count(nb, nz_ratio)).sum())
-    mask = _budgeted_union(order, nb, budget)
     qb, kb = blk[:, None], blk[None, :]
-    mask = mask | (qb == kb) | (qb >= nb - 2)
+    mask = _budgeted_union(order, nb, budget) | (qb >= nb - 2)  # the diagonal is in the union
     return mask & (kb <= qb)
 
 
