@@ -41,9 +41,10 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 
 def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.Config,
-                           kv: str = "bf16") -> dict:
+                           kv: str = "bf16", tma: bool = False) -> dict:
     """Compile ``_sparse_prefill_kernel`` for ``sm_<arch>`` (``kv``: ``bf16`` / ``fp8`` /
-    ``fp8q``, see the module doc); resources of the cubin."""
+    ``fp8q``, see the module doc; ``tma``: complete key blocks through tensor descriptors, needs
+    ``page % 64 == 0``); resources of the cubin."""
     import triton.language as tl
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
@@ -54,9 +55,13 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
         pointers.update(k_ptr="*fp8e4nv", v_ptr="*fp8e4nv")
     if q_fp8:
         pointers["q_ptr"] = "*fp8e4nv"
+    kv_ty = pointers["k_ptr"][1:]
+    descs = {n: f"tensordesc<{kv_ty}[64,{head_dim}]>" if tma else pointers["k_ptr"]
+             for n in ("k_desc", "v_desc")}
     const = dict(HQ=32, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                  PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, SPLIT=True, Q_FP8=q_fp8,
-                 KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8, DOT_DTYPE=tl.bfloat16, **config.kwargs)
+                 KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8, DOT_DTYPE=tl.bfloat16, USE_TMA=tma,
+                 **config.kwargs)
     const.update(dict.fromkeys(UNIT_STRIDES, 1))
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
@@ -64,7 +69,11 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
         # are multiples of 16 (all but the unit ones, which are constants)
         if n in pointers or (n.startswith("stride") and n not in UNIT_STRIDES):
             attrs[(i,)] = [["tt.divisibility", 16]]
-        if n in pointers:
+        if n in descs:
+            sig[n] = descs[n]
+            if not tma:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif n in pointers:
             sig[n] = pointers[n]
         elif n in const:
             sig[n] = "constexpr"
@@ -87,13 +96,15 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--kv", default="bf16", help="comma list of bf16 / fp8 / fp8q")
+    ap.add_argument("--tma", action="store_true", help="the tensor-descriptor (TMA) K/V loads")
     args = ap.parse_args()
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
     for kv in args.kv.split(","):
         for cfg in sp._sparse_prefill_kernel.configs:
-            r = compile_sparse_prefill(args.arch, args.head_dim, args.page, cfg, kv)
-            print(f"sm_{args.arch} d={args.head_dim} page={args.page} kv={kv} {cfg.kwargs} "
+            r = compile_sparse_prefill(args.arch, args.head_dim, args.page, cfg, kv, args.tma)
+            print(f"sm_{args.arch} d={args.head_dim} page={args.page} kv={kv} tma={args.tma} "
+                  f"{cfg.kwargs} "
                   f"warps={cfg.num_warps} stages={cfg.num_stages}: regs {r['REG']} stack "
                   f"{r['STACK']} smem {r['smem_dyn']} wgmma {r['wgmma']}", flush=True)
 

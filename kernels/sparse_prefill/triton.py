@@ -40,6 +40,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, scale_arg
 from vllm_seer.kernels.sparse_prefill.naive import check_fp8_kv
 from vllm_seer.kernels.sparse_prefill.split import (
@@ -51,6 +52,9 @@ from vllm_seer.kernels.sparse_prefill.split import (
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# whole-row programs in bands of this many query blocks, KV-head-major inside a band (0: query
+# block slowest across all heads); see _row_of
+BAND = 0
 DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -74,6 +78,39 @@ def _token_offsets(kb, bt_row, stride_btp, stride_p, stride_t, offs_n,
     else:
         page = tl.load(bt_row + (pos // PAGE_SIZE) * stride_btp).to(tl.int64)
         return page * stride_p + (pos % PAGE_SIZE) * stride_t
+
+
+@triton.jit
+def _page_row(kb, bt_row, stride_btp, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Row of key block ``kb``'s first token in the ``[num_pages * PAGE_SIZE, Hkv * D]`` view of
+    the cache (``PAGE_SIZE % BLOCK == 0``: the block is one contiguous run of one page), int32 as
+    tensor-descriptor coordinates are."""
+    page = tl.load(bt_row + (kb.to(tl.int64) * BLOCK // PAGE_SIZE) * stride_btp)
+    return page * PAGE_SIZE + (kb * BLOCK) % PAGE_SIZE
+
+
+@triton.jit
+def _row_of(rr, MQB, NB, BAND, HQ: tl.constexpr, GROUP: tl.constexpr):
+    """Row id (flattened ``[B, HQ, MQB]``) of whole-row program ``rr``: heaviest first.
+
+    ``BAND == 0``: the local query block ``j`` descends slowest, then request, query head.
+    ``BAND > 0``: bands of ``BAND`` query blocks (descending); inside a band request and KV head
+    slowest, then ``j`` (descending), then the heads of the KV group, so the programs in flight
+    share the K/V of few KV heads (L2) while the long rows still start first."""
+    if BAND > 0:
+        band = rr // (BAND * NB)
+        jtop = MQB - 1 - band * BAND
+        bl = tl.minimum(jtop + 1, BAND)
+        r2 = rr - band * BAND * NB
+        g = r2 % GROUP
+        t = r2 // GROUP
+        j0 = jtop - t % bl
+        bkv = t // bl
+        bh = (bkv // (HQ // GROUP)) * HQ + (bkv % (HQ // GROUP)) * GROUP + g
+    else:
+        j0 = MQB - 1 - rr // NB
+        bh = rr % NB
+    return bh * MQB + j0
 
 
 @triton.jit
@@ -119,13 +156,13 @@ def _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.const
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "PAGE_SIZE"])
-@triton.jit(do_not_specialize=["MQB", "MKB", "NSEG_GRID", "SEG", "CAP", "stride_btb"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "PAGE_SIZE", "USE_TMA"])
+@triton.jit(do_not_specialize=["MQB", "MKB", "NSEG_GRID", "SEG", "CAP", "BAND", "stride_btb"])
 def _sparse_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, k_desc, v_desc,
     bt_ptr, cu_ptr, lens_ptr, idx_ptr, cnt_ptr,
     row_slot_ptr, seg_ptr, counter_ptr, pacc_ptr, pml_ptr, qs_ptr, ks_ptr, vs_ptr,
-    scale, MQB, MKB, NB, NSEG_GRID, SEG, CAP,
+    scale, MQB, MKB, NB, NSEG_GRID, SEG, CAP, BAND,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_vp, stride_vt, stride_vh, stride_vd,
@@ -134,8 +171,11 @@ def _sparse_prefill_kernel(
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
+    # k_desc / v_desc (USE_TMA): tensor descriptors over the [P * PAGE_SIZE, HKV * D] views of
+    # k/v with [BLOCK, D] boxes (complete key blocks are loaded by TMA; the diagonal by pointers)
     # NB = B * HQ; programs [0, NSEG_GRID) run split slices, the rest whole rows (heaviest first)
     # qs/ks/vs: [1] fp32 scales of float8 q / K / V (read only under Q_FP8 / KV_FP8)
     pid = tl.program_id(0)
@@ -149,10 +189,7 @@ def _sparse_prefill_kernel(
         sl = tl.where(valid, sl, 0)
         is_slice = True
     else:
-        rr = pid - NSEG_GRID
-        j0 = MQB - 1 - rr // NB
-        bh = rr % NB
-        row = bh * MQB + j0
+        row = _row_of(pid - NSEG_GRID, MQB, NB, BAND, HQ, GROUP)
         sl = 0
         t = 0
         valid = True
@@ -198,20 +235,32 @@ def _sparse_prefill_kernel(
         # iteration's K/V addresses are ready at its top (entries clamped to >= 0: an empty row's
         # list is all -1 and its loop does not run)
         kb = tl.maximum(tl.load(list_ptr + tl.minimum(lo, tl.maximum(n_full - 1, 0))), 0)
-        tok_k = _token_offsets(kb, bt_row, stride_btp, stride_kp, stride_kt, offs_m, PAGE_SIZE,
-                               BLOCK)
-        tok_v = _token_offsets(kb, bt_row, stride_btp, stride_vp, stride_vt, offs_m, PAGE_SIZE,
-                               BLOCK)
-        for i in range(lo, n_full):
-            kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
-            kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)
-            v = _load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)
-            tok_k = _token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+        if USE_TMA:  # one int32 coordinate carried per entry; TMA computes the addresses
+            col = (kvh * HEAD_DIM).to(tl.int32)
+            r_kv = _page_row(kb, bt_row, stride_btp, PAGE_SIZE, BLOCK)
+            for i in range(lo, n_full):
+                kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
+                k = k_desc.load([r_kv, col])  # [BLOCK, D]
+                v = v_desc.load([r_kv, col])
+                r_kv = _page_row(kb_n, bt_row, stride_btp, PAGE_SIZE, BLOCK)
+                acc, m_i, l_i = _online_softmax_step(q, tl.trans(k), v, acc, m_i, l_i, qk_scale,
+                                                     True, False, DOT_FP32, KV_FP8, FP8_QK,
+                                                     DOT_DTYPE)
+        else:
+            tok_k = _token_offsets(kb, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
                                    PAGE_SIZE, BLOCK)
-            tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
+            tok_v = _token_offsets(kb, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
                                    PAGE_SIZE, BLOCK)
-            acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True, False,
-                                                 DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
+            for i in range(lo, n_full):
+                kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
+                kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)
+                v = _load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)
+                tok_k = _token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+                                       PAGE_SIZE, BLOCK)
+                tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
+                                       PAGE_SIZE, BLOCK)
+                acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True,
+                                                     False, DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
         if n_full < hi:  # the diagonal block: may run past the request's last token
             pos_k = last.to(tl.int64) * BLOCK + offs_m
             k_ok = pos_k < seq_len
@@ -241,6 +290,26 @@ def _sparse_prefill_kernel(
             tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+def tma_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block: int,
+                    ) -> tuple[TensorDescriptor, TensorDescriptor] | None:
+    """Tensor descriptors over the ``[num_pages * page_size, Hkv * D]`` views of ``k_cache`` /
+    ``v_cache`` ``[num_pages, page_size, Hkv, D]`` with ``[block, D]`` boxes, or ``None`` where
+    TMA cannot load a key block as one box: pages not a multiple of ``block``, a head dim that is
+    not a power of two (the box would read the next head), a layout other than token-major
+    contiguous rows (vLLM CUDA's own), or addresses not 16-byte aligned."""
+    page, hkv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    if page % block or d != triton.next_power_of_2(d) or d * k_cache.element_size() < 16:
+        return None
+    descs = []
+    for c in (k_cache, v_cache):
+        st = c.stride()
+        if (st[3] != 1 or st[2] != d or st[1] != hkv * d or st[0] != page * hkv * d
+                or c.data_ptr() % 16 or (st[1] * c.element_size()) % 16):
+            return None
+        descs.append(TensorDescriptor(c, [c.shape[0] * page, hkv * d], [st[1], 1], [block, d]))
+    return descs[0], descs[1]
+
+
 def sparse_prefill_paged(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -258,6 +327,8 @@ def sparse_prefill_paged(
     q_scale: torch.Tensor | float | None = None,
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
+    tma: bool | None = None,
+    band: int | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of packed prefill rows over the paged cache (Triton).
 
@@ -280,6 +351,9 @@ def sparse_prefill_paged(
             be longer than the split length).
         q_scale, k_scale, v_scale: vLLM's per-layer scales of the float8 inputs (one fp32 value on
             the device each, read in-kernel: no host sync), exactly for the float8 inputs.
+        tma: load complete key blocks with tensor descriptors (TMA on Hopper); ``None``: wherever
+            :func:`tma_descriptors` allows it; ``True`` raises where it does not.
+        band: program order (see ``_row_of``; ``None``: the module's ``BAND``).
     Returns:
         ``out``.
     """
@@ -321,14 +395,23 @@ def sparse_prefill_paged(
         nseg_grid, seg, cap = 0, mkb, 1
         ws = (block_count, block_count, block_count, out, out)  # unused (SPLIT=False)
     scales = [block_count if s is None else s for s in scales]  # unused where None
+    descs = tma_descriptors(k_cache, v_cache, block_size) if tma is not False else None
+    if tma and descs is None:
+        raise ValueError(f"tma=True, but a cache of shape {tuple(k_cache.shape)}, strides "
+                         f"{k_cache.stride()} / {v_cache.stride()} cannot be read as "
+                         f"[{block_size}, D] boxes (see tma_descriptors)")
+    band = BAND if band is None else band
+    if band < 0:
+        raise ValueError(f"band={band}; expected >= 0")
     _sparse_prefill_kernel[(nseg_grid + rows,)](
-        q, k_cache, v_cache, out,
+        q, k_cache, v_cache, out, *(descs or (k_cache, v_cache)),
         block_table, cu_seqlens_q, seq_lens, block_index, block_count, *ws, *scales,
-        float(scale), mqb, mkb, bsz * hq, nseg_grid, seg, cap,
+        float(scale), mqb, mkb, bsz * hq, nseg_grid, seg, cap, band,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
         HQ=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         PAGE_SIZE=page_size, BLOCK=block_size, DOT_FP32=dot_fp32, SPLIT=split, Q_FP8=q_fp8,
         KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8 and not dot_fp32, DOT_DTYPE=dot_dtype,
+        USE_TMA=descs is not None,
     )
     if split:
         combine_splits(out, cu_seqlens_q, seq_lens, mqb, work, block_size)

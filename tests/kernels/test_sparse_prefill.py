@@ -27,8 +27,9 @@ GPU_CASES = {
 
 
 def _run(case: tuple, dtype: torch.dtype, max_kblocks_pad: int = 0,
-         split: tuple[int, int] | None = None) -> None:
-    """``split``: ``(split_blocks, capacity)`` of the long-row workspace (default: the kernel's)."""
+         split: tuple[int, int] | None = None, **kernel_kw) -> None:
+    """``split``: ``(split_blocks, capacity)`` of the long-row workspace (default: the kernel's);
+    ``kernel_kw``: the kernel's ``tma`` / ``band`` options."""
     from vllm_seer.kernels.sparse_prefill import sparse_prefill_paged
     from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
@@ -46,7 +47,7 @@ def _run(case: tuple, dtype: torch.dtype, max_kblocks_pad: int = 0,
     if split is not None:
         work = SplitWork.allocate(index.numel() // mkb, d, DEVICE, bs, capacity=split[1],
                                   split_blocks=split[0])
-    got = sparse_prefill_paged(*args, out, scale, bs, work=work)
+    got = sparse_prefill_paged(*args, out, scale, bs, work=work, **kernel_kw)
     assert got is out
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     if work is not None:  # the split path really ran (and, with a small capacity, overflowed)
@@ -81,6 +82,37 @@ def test_sparse_prefill_split_rows_gpu(dtype: torch.dtype) -> None:
     _run(([20000, 3000], [4096, 3000], 32, 8, 128, 16, "token", 64, 0.6), dtype, split=(128, 512))
 
 
+# token-major pages of 64 / 128 with a power-of-two head dim: TMA boxes (auto) or pointers
+TMA_CASES = {
+    "ragged-chunked-p64-gqa2": ([200, 64, 131], [90, 64, 131], 4, 2, 64, 64, "token", 64, 0.5),
+    "d128-p128-gqa4": ([260], [140], 4, 1, 128, 128, "token", 64, 0.6),
+}
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("case", TMA_CASES.values(), ids=TMA_CASES.keys())
+def test_sparse_prefill_tma_and_pointer_loads(case: tuple, tma: bool) -> None:
+    _run(case, torch.float16, max_kblocks_pad=1, tma=tma)
+
+
+def test_sparse_prefill_tma_refuses_other_layouts() -> None:
+    from vllm_seer.kernels.sparse_prefill.triton import tma_descriptors
+
+    for layout, page in (("head", 64), ("kv", 64), ("token", 16)):
+        b = make_batch([100], [100], 2, 2, 64, page, torch.float16, layout, DEVICE)
+        assert tma_descriptors(b.k_cache, b.v_cache, 64) is None, (layout, page)
+    with pytest.raises(ValueError, match="tma=True"):
+        _run(([100], [100], 2, 1, 64, 16, "token", 64, 1.0), torch.float16, tma=True)
+
+
+# KV-head-major bands of query blocks (band 1: every row its own band; 2 and 3: bands cut the
+# ragged requests' blocks unevenly, the last band shorter), with split rows and GQA
+@pytest.mark.parametrize("band", [1, 2, 3])
+def test_sparse_prefill_banded_order(band: int) -> None:
+    _run(([330, 64, 260], [200, 64, 260], 6, 2, 64, 64, "token", 64, 0.8), torch.float16,
+         split=(2, 4096), band=band)
+
+
 def test_sparse_prefill_bf16_dense_row() -> None:
     # bf16 in (the interpreter computes the dots in fp32), dense causal lists
     _run(([130], [130], 2, 1, 64, 16, "token", 64, 1.0), torch.bfloat16)
@@ -103,6 +135,15 @@ def test_sparse_prefill_leaves_foreign_rows() -> None:
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
 def test_sparse_prefill_gpu(case: tuple, dtype: torch.dtype) -> None:
     _run(case, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("band", [0, 64])
+@pytest.mark.parametrize("tma", [True, False])
+def test_sparse_prefill_tma_band_gpu(tma: bool, band: int) -> None:
+    # Llama shapes over 64-token pages (the CUDA backend's default), a chunk over 12k of context
+    _run(([12288, 3000], [4096, 3000], 32, 8, 128, 64, "token", 64, 0.2), torch.bfloat16,
+         tma=tma, band=band)
 
 
 def test_sparse_prefill_lists_without_diagonal() -> None:
