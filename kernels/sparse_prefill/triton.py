@@ -9,15 +9,18 @@ Schedule (one 1-D grid, no host sync; dispatch follows program order):
 1. the first ``capacity`` programs run the slices of *split* rows (rows whose list is longer than
    ``split_blocks``, e.g. the dense last query-block rows of a chunked-prefill step, see
    :mod:`.split`), each at most ``split_blocks`` key blocks, and write partial results;
-2. then one program per remaining row, heaviest first across all requests and heads: the local
-   query block ``j`` is the slowest index (descending; causal rows grow with ``j``), the heads of a
-   KV group are adjacent (they read the same K/V pages, which then come from L2);
+2. then one program per remaining row, heaviest first in bands of query blocks (``_row_of``):
+   bands descending (causal rows grow with the local query block ``j``), inside a band request and
+   KV head slowest, then ``j`` descending, then the heads of the KV group, so the programs in
+   flight share the K/V of a few KV heads in L2;
 3. a combine kernel merges the slices of the split rows.
 
 Each program keeps one ``[block, D]`` query tile in registers and walks its slice of the row's
 ascending list (FlashAttention-2 online softmax, exp2, fp32 accumulation). The next entry's block id
 and page ids are loaded one iteration ahead and carried in the loop, so the K/V addresses of an
-iteration never wait on a load issued in the same iteration and the loads can be pipelined. With
+iteration never wait on a load issued in the same iteration and the loads can be pipelined. Over
+vLLM CUDA's token-major pages of a multiple of the gate block (:func:`tma_descriptors`) complete
+key blocks are loaded by TMA (tensor descriptors, one row coordinate per entry). With
 pages of at least one gate block (``page_size % block == 0``) a key block is one contiguous run of a
 page: one page id per block instead of one per token. Every entry but a final diagonal one is a
 complete block entirely in the past of the tile: those run without masks; only the diagonal block is
@@ -52,9 +55,19 @@ from vllm_seer.kernels.sparse_prefill.split import (
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# whole-row programs in bands of this many query blocks, KV-head-major inside a band (0: query
-# block slowest across all heads); see _row_of
-BAND = 0
+# whole-row programs in bands of query blocks, KV-head-major inside a band (see _row_of): the
+# band is MQB // 4 capped at BAND_MAX. Measured on the H200 (2026-12-03, Llama-3.1-8B shapes,
+# page 64, TMA, random gates at density 0.1; benchmarks/bench_sparse_variants.py): band 128 vs 0
+# 2.28 vs 2.85 ms at 32k and 34.0 vs 43.8 ms at 128k (L2 keeps the K/V of the few KV heads in
+# flight); at 8k (MQB 128) band 32 0.230 vs 0.226 ms, band 128 0.291 ms (a band as long as the
+# grid loses the heaviest-first order).
+BAND_MAX = 128
+
+
+def default_band(mqb: int) -> int:
+    """The program order's band for ``mqb`` query blocks per row of the grid (see ``BAND_MAX``)."""
+    return max(1, min(BAND_MAX, mqb // 4))
+
 DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -353,7 +366,8 @@ def sparse_prefill_paged(
             the device each, read in-kernel: no host sync), exactly for the float8 inputs.
         tma: load complete key blocks with tensor descriptors (TMA on Hopper); ``None``: wherever
             :func:`tma_descriptors` allows it; ``True`` raises where it does not.
-        band: program order (see ``_row_of``; ``None``: the module's ``BAND``).
+        band: program order (see ``_row_of``; ``None``: :func:`default_band`; 0: the query
+            block slowest across all heads).
     Returns:
         ``out``.
     """
@@ -400,7 +414,7 @@ def sparse_prefill_paged(
         raise ValueError(f"tma=True, but a cache of shape {tuple(k_cache.shape)}, strides "
                          f"{k_cache.stride()} / {v_cache.stride()} cannot be read as "
                          f"[{block_size}, D] boxes (see tma_descriptors)")
-    band = BAND if band is None else band
+    band = default_band(mqb) if band is None else band
     if band < 0:
         raise ValueError(f"band={band}; expected >= 0")
     _sparse_prefill_kernel[(nseg_grid + rows,)](

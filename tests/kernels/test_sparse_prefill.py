@@ -105,9 +105,10 @@ def test_sparse_prefill_tma_refuses_other_layouts() -> None:
         _run(([100], [100], 2, 1, 64, 16, "token", 64, 1.0), torch.float16, tma=True)
 
 
-# KV-head-major bands of query blocks (band 1: every row its own band; 2 and 3: bands cut the
+# program orders: band 0 (query block slowest across all heads) and KV-head-major bands of query
+# blocks (band 1: every row its own band; 2 and 3: bands cut the
 # ragged requests' blocks unevenly, the last band shorter), with split rows and GQA
-@pytest.mark.parametrize("band", [1, 2, 3])
+@pytest.mark.parametrize("band", [0, 1, 2, 3])
 def test_sparse_prefill_banded_order(band: int) -> None:
     _run(([330, 64, 260], [200, 64, 260], 6, 2, 64, 64, "token", 64, 0.8), torch.float16,
          split=(2, 4096), band=band)
