@@ -233,7 +233,7 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
 
             full = _bench(both, rep)
         if dens == 0.1 and kind == "random":  # gate breakdown
-            parts = _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs)
+            parts = _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs, tabs)
             print(f"{model} {L} gate breakdown (ms):",
                   {k: round(_bench(f, rep), 4) for k, f in parts.items()}, flush=True)
         cnt = count.double()
