@@ -60,6 +60,17 @@ def _paged(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache, perm.to(torch.int32)[None, :]
 
 
+def _paged_kv(k: torch.Tensor, v: torch.Tensor, page: int):
+    """``[L, H, D]`` K and V -> (K cache, V cache, ``[1, P]`` block table): shuffled pages, V at
+    the same block-table slots as K."""
+    k_cache, bt = _paged(k, page)
+    flat = torch.zeros(bt.shape[1] * page, *v.shape[1:], dtype=v.dtype, device=v.device)
+    flat[: v.shape[0]] = v
+    v_cache = torch.zeros_like(k_cache)
+    v_cache[bt[0].long()] = flat.view(bt.shape[1], page, *v.shape[1:])
+    return k_cache, v_cache, bt
+
+
 def _bench(fn, rep: int) -> float:
     return do_bench(fn, warmup=max(1, rep // 8), rep=rep)
 
@@ -148,16 +159,7 @@ def run_case(model: str, L: int, rep: int, cases: list[tuple[str, float]], rows:
     q = torch.randn(L, hq, d, dtype=dt, device=dev)
     k = torch.randn(L, hkv, d, dtype=dt, device=dev)
     v = torch.randn(L, hkv, d, dtype=dt, device=dev)
-    caches = {}
-    for page in pages:
-        k_cache, bt = _paged(k, page)
-        # V pages at the same block-table slots as K
-        n_pages = bt.shape[1]
-        flat_v = torch.zeros(n_pages * page, hkv, d, dtype=dt, device=dev)
-        flat_v[:L] = v
-        v_cache = torch.zeros_like(k_cache)
-        v_cache[bt[0].long()] = flat_v.view(n_pages, page, hkv, d)
-        caches[page] = (k_cache, v_cache, bt)
+    caches = {page: _paged_kv(k, v, page) for page in pages}
     k_cache, v_cache, bt = caches[pages[0]]
     f8 = bench_fp8.fp8_caches(q, caches) if fp8 else None
     cu = torch.tensor([0, L], dtype=torch.int32, device=dev)

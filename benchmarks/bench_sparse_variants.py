@@ -26,22 +26,12 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import BS, MODELS, _bench, _gate_tables, _paged  # noqa: E402
+from bench_kernels import BS, MODELS, _bench, _gate_tables, _paged_kv  # noqa: E402
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate  # noqa: E402
 from vllm_seer.kernels.sparse_prefill import triton as sp  # noqa: E402
 
 from vllm_seer.gate import Selection  # noqa: E402
 from vllm_seer.rope import RopeSpec  # noqa: E402
-
-
-def _caches(k: torch.Tensor, v: torch.Tensor, page: int):
-    """K and V paged at the same shuffled block-table slots."""
-    k_cache, bt = _paged(k, page)
-    flat = torch.zeros(bt.shape[1] * page, *v.shape[1:], dtype=v.dtype, device=v.device)
-    flat[: v.shape[0]] = v
-    v_cache = torch.zeros_like(k_cache)
-    v_cache[bt[0].long()] = flat.view(bt.shape[1], page, *v.shape[1:])
-    return k_cache, v_cache, bt
 
 
 def _cudnn_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rep: int) -> float:
@@ -64,7 +54,7 @@ def run_length(L: int, variants: list[tuple[int, bool, int]], densities: list[fl
     q = torch.randn(L, hq, d, dtype=dt, device=dev)
     k = torch.randn(L, hkv, d, dtype=dt, device=dev)
     v = torch.randn(L, hkv, d, dtype=dt, device=dev)
-    caches = {p: _caches(k, v, p) for p in sorted({p for p, _, _ in variants})}
+    caches = {p: _paged_kv(k, v, p) for p in sorted({p for p, _, _ in variants})}
     cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
     lens = torch.tensor([L], dtype=torch.int32, device=dev)
     inv = RopeSpec(d, theta).inv_freq().to(dev)
