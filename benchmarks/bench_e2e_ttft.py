@@ -66,7 +66,7 @@ from typing import Any
 
 from e2e_client import collect_env
 from e2e_goals import goals_markdown, summary, workloads_markdown
-from e2e_model import ensure_model
+from e2e_model import ARCHS, ensure_model
 from e2e_report import load_runs, parse_backend, render_report
 from e2e_run import Clock, make_prompt, run_backend
 
@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--model-dir", type=Path, default=None,
                     help="model folder (built if missing; default $TMPDIR/vllm-seer-bench-llama31-8b)")
+    ap.add_argument("--arch", default="llama31-8b", choices=sorted(ARCHS),
+                    help="served architecture (dummy weights): Llama-3.1-8B, or Qwen2.5-7B with "
+                         "YaRN RoPE (factor 4 over 32k)")
     ap.add_argument("--max-model-len", type=int, default=None, help="default 131072 (dry run 2048)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -199,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model_dir is None:
         import tempfile
 
-        name = "vllm-seer-bench-tiny" if dry else "vllm-seer-bench-llama31-8b"
+        name = f"vllm-seer-bench-{'tiny-' if dry else ''}{args.arch}"
         args.model_dir = Path(tempfile.gettempdir()) / name
     return args
 
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_backend(b)  # fail early on a bad name
     args.out = args.out.resolve()
     clock.log(f"building / checking the model folder {args.model_dir}")
-    ensure_model(args.model_dir, tiny=args.dry_run)
+    ensure_model(args.model_dir, tiny=args.dry_run, arch=args.arch)
     env_info = collect_env()
     clock.log(f"env: {json.dumps(env_info)}; GPU memory used now: {gpu_memory_used()}")
     clock.log(f"backends {backends}, {'eager' if args.eager else 'compiled'}, phases {args.phases}, "

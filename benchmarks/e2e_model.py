@@ -1,6 +1,8 @@
-"""The served model of ``bench_e2e_ttft.py``: the Llama-3.1-8B architecture (or a CPU-sized variant
-of the same kind) as a folder with ``config.json``, a project-made tokenizer and random top-k gates;
-no weights (the server runs with ``--load-format dummy``)."""
+"""The served model of ``bench_e2e_ttft.py``: the Llama-3.1-8B architecture (``--arch llama31-8b``)
+or the Qwen2.5-7B architecture with YaRN RoPE (``--arch qwen25-7b-yarn``, factor 4 over 32k
+positions, as Qwen's model cards tell users to serve it beyond 32k), or a CPU-sized variant of
+either, as a folder with ``config.json``, a project-made tokenizer and random top-k gates; no
+weights (the server runs with ``--load-format dummy``)."""
 
 from __future__ import annotations
 
@@ -40,7 +42,39 @@ LLAMA31_8B: dict[str, Any] = {
     "use_cache": True,
     "vocab_size": 128256,
 }
-# same kind, CPU-sized (dry run): llama3 RoPE scaling kept, vocab small enough for a fast CPU server
+# Qwen2.5-7B-Instruct's config.json with the YaRN entry its model card adds for contexts past 32k;
+# max_position_embeddings says 131072 = 4 x 32768 outright (vLLM 0.32 with transformers 5 did not
+# derive the longer limit from the YaRN factor: "max_model_len (2048) is greater than the derived
+# max_model_len (max_position_embeddings=512.0)" in the dry run); the YaRN blend uses
+# original_max_position_embeddings either way. The tokenizer is the project-made one, so the
+# special ids are this file's
+QWEN25_7B_YARN: dict[str, Any] = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151808,
+    "eos_token_id": 151809,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 131072,
+    "max_window_layers": 28,
+    "model_type": "qwen2",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"},
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
+}
+ARCHS: dict[str, dict[str, Any]] = {"llama31-8b": LLAMA31_8B, "qwen25-7b-yarn": QWEN25_7B_YARN}
+# same kind, CPU-sized (dry run): llama3 / YaRN RoPE scaling kept, vocab small enough for a fast CPU server
 TINY_OVERRIDES: dict[str, Any] = {
     "head_dim": 64, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
     "num_hidden_layers": 2, "num_key_value_heads": 2, "torch_dtype": "float32", "vocab_size": 4096,
@@ -59,9 +93,17 @@ CHAT_TEMPLATE = (
 MODEL_STAMP = ".bench-model.json"
 
 
-def model_config(tiny: bool = False) -> dict[str, Any]:
-    """The served model's ``config.json`` (Llama-3.1-8B architecture, or the CPU-sized variant)."""
-    return {**LLAMA31_8B, **(TINY_OVERRIDES if tiny else {})}
+def model_config(tiny: bool = False, arch: str = "llama31-8b") -> dict[str, Any]:
+    """The served model's ``config.json`` (``arch`` of ``ARCHS``, or its CPU-sized variant; the
+    tiny YaRN variant keeps factor 4 over 512 positions, so the dry run's prompts pass the
+    original window; its limit is the dry run's 2048)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r}: expected one of {sorted(ARCHS)}")
+    cfg = {**ARCHS[arch], **(TINY_OVERRIDES if tiny else {})}
+    if tiny and "yarn" in arch:
+        cfg["max_position_embeddings"] = 2048
+        cfg["rope_scaling"] = {**cfg["rope_scaling"], "original_max_position_embeddings": 512}
+    return cfg
 
 
 def special_tokens(vocab_size: int) -> list[str]:
@@ -110,18 +152,20 @@ def build_gates(out: Path, config: dict[str, Any], seed: int = 1) -> Path:
     safetensors only (an 8B model's gates are ~100 MB per format)."""
     from vllm_seer.tiny_model import build_random_gates
 
-    return build_random_gates(out, config, seed, base_model="vllm-seer/llama-3.1-8b-dummy",
+    base = ("vllm-seer/llama-3.1-8b-dummy" if config["model_type"] == "llama"
+            else "vllm-seer/qwen2.5-7b-yarn-dummy")
+    return build_random_gates(out, config, seed, base_model=base,
                               formats=("safetensors",), method="nz_ratio", nz_ratio=0.1)
 
 
-def ensure_model(folder: Path, tiny: bool = False) -> Path:
+def ensure_model(folder: Path, tiny: bool = False, arch: str = "llama31-8b") -> Path:
     """Build (once; idempotent, keyed by a hash of the spec) the model folder with ``gates/``.
 
     No weights are written: the server runs with ``--load-format dummy``. Read in vLLM 0.26.0 and
     0.32.0: ``DummyModelLoader.download_model`` is a no-op and ``load_weights`` initialises every
     parameter randomly; the dtype comes from ``config.json`` / ``--dtype`` (the safetensors
     fallback reads ``*.safetensors`` of the folder and finds none)."""
-    config = model_config(tiny)
+    config = model_config(tiny, arch)
     spec = json.dumps({"config": config, "schema": SCHEMA, "gate_seed": 1}, sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
     stamp = folder / MODEL_STAMP

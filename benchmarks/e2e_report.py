@@ -128,8 +128,10 @@ def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and 
     max_tokens = next((r["settings"]["max_tokens"] for r in runs if r.get("settings")), "?")
     hits = sum(s["cache_hits"] for b in agg.values() for s in b.values())
     dry = any(r.get("settings", {}).get("dry_run") for r in runs)
-    model_desc = ("CPU dry run: a 2-layer model of the same kind (llama3 RoPE scaling)" if dry
-                  else "Llama-3.1-8B architecture")
+    arch = next((r["settings"].get("arch", "llama31-8b") for r in runs), "llama31-8b")
+    full = ("Qwen2.5-7B architecture, YaRN RoPE (factor 4 over 32k positions)"
+            if arch == "qwen25-7b-yarn" else "Llama-3.1-8B architecture")
+    model_desc = (f"CPU dry run: a 2-layer model of the same kind ({full})" if dry else full)
     lines += ["", f"Server: `vllm serve <model> {' '.join(flags)}` (+ `--attention-backend X`, or "
               "`--attention-backend seer --additional-config '{\"seer\": {\"sparsity_method\": \"nz_ratio\", "
               "\"nz_ratio\": d, ...}}'`), default chunked prefill, prefix caching on. "

@@ -101,11 +101,12 @@ def run_backend(backend: str, args: argparse.Namespace, env_info: dict[str, Any]
     name, density = parse_backend(backend)
     is_seer = name == "seer"
     additional, flags = server_args(args, backend)
-    lo, hi = regular_token_range(model_config(args.dry_run))
+    lo, hi = regular_token_range(model_config(args.dry_run, args.arch))
     run_id = f"{backend}-{datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     record: dict[str, Any] = {
         "run_id": run_id, "backend": backend, "kind": name, "density_setting": density, "env": env_info,
-        "settings": {"flags": flags, "additional_config": additional, "max_tokens": args.max_tokens,
+        "settings": {"arch": args.arch, "flags": flags, "additional_config": additional,
+                     "max_tokens": args.max_tokens,
                      "lengths": lengths, "repeats": args.repeats, "dry_run": args.dry_run,
                      "mode": "eager" if args.eager else "compiled", "phases": args.phases},
         "server": {}, "requests": [], "workloads": {}, "sweep": [], "skipped": [], "error": None,

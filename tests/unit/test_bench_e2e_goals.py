@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import bench_e2e_ttft  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
@@ -198,3 +199,20 @@ def test_report_of_runs_without_the_ttft_phase(tmp_path: Path) -> None:
     md = bench_e2e_ttft.compare([path], None, None, print_only=True)
     assert "No single-request (ttft phase) measurements in these runs." in md
     assert "| short | seer@0.1 | short (32) | 32/32 | 19.00 | 1216 |" in md
+
+
+def test_qwen_yarn_arch_is_a_valid_yarn_config() -> None:
+    from e2e_model import model_config
+
+    from vllm_seer.rope import RopeSpec
+
+    for tiny in (False, True):
+        cfg = model_config(tiny, "qwen25-7b-yarn")
+        hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        rope = RopeSpec.from_hf_config(SimpleNamespace(**cfg), hd, cfg["max_position_embeddings"])
+        assert rope.rope_type == "yarn" and rope.attention_scale() > 1.0  # YaRN's mscale
+    assert model_config(False, "qwen25-7b-yarn")["num_key_value_heads"] == 4  # group of 7
+    a = bench_e2e_ttft.parse_args(["--arch", "qwen25-7b-yarn", "--lengths", "65536"])
+    assert a.arch == "qwen25-7b-yarn" and a.model_dir.name.endswith("qwen25-7b-yarn")
+    with pytest.raises(ValueError, match="arch"):
+        model_config(False, "gpt2")

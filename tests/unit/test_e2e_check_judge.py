@@ -120,3 +120,25 @@ def test_run_json_without_top_logprobs_is_refused_by_name():
     del runs["flash_graphs"]["top_logprobs"]
     with pytest.raises(ValueError, match="flash_graphs.*top_logprobs"):
         e2e_check.judge(runs)
+
+
+def test_density1_judge_alone_for_an_fp8_cache():
+    runs = {k: v for k, v in _runs().items() if k in e2e_check.DENSITY1_RUNS}
+    ok, checks = e2e_check.judge_density1(runs)
+    assert ok and checks["noise_floor_flash_vs_triton"]["lp"]["max"] == pytest.approx(0.04)
+    far = copy.deepcopy(runs)
+    far["seer1"] = _run("seer1", lp_shift=0.2)  # 5x the noise floor: a real difference
+    assert not e2e_check.judge_density1(far)[0]
+    partial = copy.deepcopy(runs)
+    partial["seer1"]["computed"] = 9.0  # density 1 must compute every block
+    assert not e2e_check.judge_density1(partial)[0]
+    errors = copy.deepcopy(runs)
+    errors["triton"]["log_errors"] = ["ERROR boom"]
+    assert not e2e_check.judge_density1(errors)[0]
+
+
+def test_plans_add_the_cache_flags_to_every_server():
+    table = e2e_check.plans("/g", ["--kv-cache-dtype", "fp8"])
+    assert set(table) == set(e2e_check.RUN_NAMES)
+    assert all(flags[-2:] == ["--kv-cache-dtype", "fp8"] for _, _, flags in table.values())
+    assert all("--kv-cache-dtype" not in flags for _, _, flags in e2e_check.plans("/g").values())
