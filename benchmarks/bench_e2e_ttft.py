@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--startup-timeout", type=float, default=420.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--model-dir", type=Path, default=None,
-                    help="model folder (built if missing; default $TMPDIR/vllm-seer-bench-llama31-8b)")
+                    help="model folder (built if missing; default $TMPDIR/vllm-seer-bench-<arch>)")
     ap.add_argument("--arch", default="llama31-8b", choices=sorted(ARCHS),
                     help="served architecture (dummy weights): Llama-3.1-8B, or Qwen2.5-7B with "
                          "YaRN RoPE (factor 4 over 32k)")

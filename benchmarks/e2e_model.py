@@ -74,6 +74,8 @@ QWEN25_7B_YARN: dict[str, Any] = {
     "vocab_size": 152064,
 }
 ARCHS: dict[str, dict[str, Any]] = {"llama31-8b": LLAMA31_8B, "qwen25-7b-yarn": QWEN25_7B_YARN}
+ARCH_DESCRIPTIONS = {"llama31-8b": "Llama-3.1-8B architecture",
+                     "qwen25-7b-yarn": "Qwen2.5-7B architecture, YaRN RoPE (factor 4 over 32k positions)"}
 # same kind, CPU-sized (dry run): llama3 / YaRN RoPE scaling kept, vocab small enough for a fast CPU server
 TINY_OVERRIDES: dict[str, Any] = {
     "head_dim": 64, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
@@ -100,7 +102,7 @@ def model_config(tiny: bool = False, arch: str = "llama31-8b") -> dict[str, Any]
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r}: expected one of {sorted(ARCHS)}")
     cfg = {**ARCHS[arch], **(TINY_OVERRIDES if tiny else {})}
-    if tiny and "yarn" in arch:
+    if tiny and cfg["rope_scaling"].get("type") == "yarn":
         cfg["max_position_embeddings"] = 2048
         cfg["rope_scaling"] = {**cfg["rope_scaling"], "original_max_position_embeddings": 512}
     return cfg

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from e2e_model import ARCH_DESCRIPTIONS
+
 
 def parse_backend(spec: str) -> tuple[str, float | None]:
     """``"seer@0.1"`` → ``("seer", 0.1)``; ``"FLASH_ATTN"`` → ``("FLASH_ATTN", None)``."""
@@ -129,8 +131,7 @@ def render_report(runs: list[dict[str, Any]], title: str = "End-to-end TTFT and 
     hits = sum(s["cache_hits"] for b in agg.values() for s in b.values())
     dry = any(r.get("settings", {}).get("dry_run") for r in runs)
     arch = next((r["settings"].get("arch", "llama31-8b") for r in runs), "llama31-8b")
-    full = ("Qwen2.5-7B architecture, YaRN RoPE (factor 4 over 32k positions)"
-            if arch == "qwen25-7b-yarn" else "Llama-3.1-8B architecture")
+    full = ARCH_DESCRIPTIONS[arch]
     model_desc = (f"CPU dry run: a 2-layer model of the same kind ({full})" if dry else full)
     lines += ["", f"Server: `vllm serve <model> {' '.join(flags)}` (+ `--attention-backend X`, or "
               "`--attention-backend seer --additional-config '{\"seer\": {\"sparsity_method\": \"nz_ratio\", "

@@ -236,8 +236,7 @@ def judge(runs: dict[str, dict]) -> tuple[bool, dict[str, Any]]:
     def same(a: str, b: str) -> list[bool]:
         return [x == y for x, y in zip(runs[a]["outputs"], runs[b]["outputs"], strict=True)]
 
-    floor = lp_diff(runs["flash"], runs["triton"])  # two dense vLLM kernels: rounding only
-    d1 = lp_diff(runs["seer1"], runs["triton"])
+    floor, d1, ok = density1_check(runs)
     chunk = lp_diff(runs["chunked"], runs["unchunked"])
     control = graph_divergences(runs["flash_eager"], runs["flash_graphs"])
     seer_graphs = graph_divergences(runs["unchunked"], runs["graphs"])
@@ -252,8 +251,6 @@ def judge(runs: dict[str, dict]) -> tuple[bool, dict[str, Any]]:
             **control, "lp": lp_diff(runs["flash_graphs"], runs["flash_eager"])},
         "decode_graphs_vs_eager": {**seer_graphs, "lp": graphs_lp, "tie_tolerance": tol},
     }
-    # density 1 must be as close to TRITON_ATTN as FLASH_ATTN is (2x slack on the mean, 1.5x max)
-    ok = d1["mean"] <= 2 * floor["mean"] and d1["max"] <= 1.5 * max(floor["max"], 0.02)
     # the same kernels on the same selections: chunking / a cache hit must not move anything
     ok &= chunk["max"] <= max(floor["max"], 0.02) and all(same("unchunked", "chunked"))
     # decode graphs: the (eager) prefill unchanged; continuations part only at near ties, of the
@@ -268,15 +265,22 @@ def judge(runs: dict[str, dict]) -> tuple[bool, dict[str, Any]]:
     return bool(ok), checks
 
 
+def density1_check(runs: dict[str, dict]) -> tuple[dict[str, float], dict[str, float], bool]:
+    """``(noise floor, density-1 difference, ok)``: Seer at density 1 must be as close to
+    TRITON_ATTN as FLASH_ATTN is (the two dense vLLM kernels: rounding only; 2x slack on the
+    mean, 1.5x on the max)."""
+    floor = lp_diff(runs["flash"], runs["triton"])
+    d1 = lp_diff(runs["seer1"], runs["triton"])
+    return floor, d1, d1["mean"] <= 2 * floor["mean"] and d1["max"] <= 1.5 * max(floor["max"], 0.02)
+
+
 def judge_density1(runs: dict[str, dict]) -> tuple[bool, dict[str, Any]]:
     """The density-1 check alone (``DENSITY1_RUNS``; e.g. over an FP8 KV cache, where the noise
     floor is FLASH_ATTN vs TRITON_ATTN on the same FP8 cache)."""
-    floor = lp_diff(runs["flash"], runs["triton"])
-    d1 = lp_diff(runs["seer1"], runs["triton"])
+    floor, d1, ok = density1_check(runs)
     same = [x == y for x, y in zip(runs["triton"]["outputs"], runs["seer1"]["outputs"], strict=True)]
     checks = {"noise_floor_flash_vs_triton": {"lp": floor},
               "density1_vs_triton": {"tokens_equal": same, "lp": d1}}
-    ok = d1["mean"] <= 2 * floor["mean"] and d1["max"] <= 1.5 * max(floor["max"], 0.02)
     ok &= runs["seer1"]["computed"] == runs["seer1"]["possible"] > 0
     ok &= runs["seer1"]["gate_s"] > 0 and runs["seer1"]["attn_s"] > 0
     ok &= not any(runs[k]["log_errors"] for k in DENSITY1_RUNS)
@@ -296,8 +300,9 @@ def main() -> int:
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", default=",".join(RUN_NAMES),
-                    help="which servers to run now (results of earlier calls are read from --dir)")
+    ap.add_argument("--runs", default=None,
+                    help="which servers to run now (default: all of the mode; results of earlier "
+                         "calls are read from --dir)")
     ap.add_argument("--dir", default=os.environ.get("OUT", "/tmp"),
                     help="one JSON per run is written here; --compare reads them")
     ap.add_argument("--compare", nargs="*", default=None,
@@ -308,10 +313,8 @@ def main() -> int:
     args = ap.parse_args()
     cache = ["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else []
     names = DENSITY1_RUNS if cache else RUN_NAMES
-    if cache and args.runs == ",".join(RUN_NAMES):
-        args.runs = ",".join(DENSITY1_RUNS)
     if args.compare is None:
-        keys = args.runs.split(",")
+        keys = args.runs.split(",") if args.runs else list(names)
         unknown = [k for k in keys if k not in names]
         if unknown:
             ap.error(f"--runs: unknown run(s) {unknown}; expected some of {','.join(names)}")
