@@ -60,15 +60,21 @@ def _paged(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache, perm.to(torch.int32)[None, :]
 
 
-def _paged_kv(k: torch.Tensor, v: torch.Tensor, page: int):
+def _paged_kv(k: torch.Tensor, v: torch.Tensor, page: int, packed: bool = True):
     """``[L, H, D]`` K and V -> (K cache, V cache, ``[1, P]`` block table): shuffled pages, V at
-    the same block-table slots as K."""
+    the same block-table slots as K. ``packed``: as vLLM 0.26+ CUDA keeps them, views of one
+    ``[P, page, H, 2D]`` tensor of K|V token rows (its default NHD layout); else two contiguous
+    ``[P, page, H, D]`` caches."""
     k_cache, bt = _paged(k, page)
     flat = torch.zeros(bt.shape[1] * page, *v.shape[1:], dtype=v.dtype, device=v.device)
     flat[: v.shape[0]] = v
     v_cache = torch.zeros_like(k_cache)
     v_cache[bt[0].long()] = flat.view(bt.shape[1], page, *v.shape[1:])
-    return k_cache, v_cache, bt
+    if not packed:
+        return k_cache, v_cache, bt
+    d = k.shape[-1]
+    kv = torch.cat((k_cache, v_cache), dim=-1)
+    return kv[..., :d], kv[..., d:], bt
 
 
 def _bench(fn, rep: int) -> float:
@@ -77,9 +83,10 @@ def _bench(fn, rep: int) -> float:
 
 def _gate_tables(weight: torch.Tensor, inv: torch.Tensor, hkv: int, L: int) -> dict:
     """The start-up tables the CUDA backend passes to ``seer_gate`` (block-start RoPE, weight
-    grouped per KV head), for a context of ``L`` tokens."""
+    grouped per KV head, per-position cos/sin of the pooling), for a context of ``L`` tokens."""
     return {"rope_table": block_rope_table(inv, -(-L // BS), BS),
-            "grouped_weight": group_gate_weight(weight, hkv)}
+            "grouped_weight": group_gate_weight(weight, hkv),
+            "rope_positions": block_rope_table(inv, L, 1)}
 
 
 def _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs, tabs: dict) -> dict:
@@ -93,7 +100,7 @@ def _gate_stages(q, k_cache, bt, cu, lens, inv, weight, sel, bufs, tabs: dict) -
         "pool_q": lambda: pool_q_varlen(q, cu, lens, inv, bufs.q_pooled),
         "select": lambda: block_select(bufs.q_pooled, bufs.k_pooled, weight, inv, cu, lens, sel,
                                        bufs.block_index, bufs.block_count, BS, bufs.scores,
-                                       bufs.topk, **tabs),
+                                       bufs.topk, tabs["rope_table"], tabs["grouped_weight"]),
         "gate": lambda: seer_gate(q, k_cache, bt, cu, lens, weight, inv, sel, bufs, **tabs),
     }
 
@@ -314,8 +321,8 @@ def profile_chunk(model: str, L: int, chunk: int, vkernels, density: float = 0.1
     hq, hkv, d, theta = MODELS[model]
     dt = torch.bfloat16
     q = torch.randn(chunk, hq, d, dtype=dt, device="cuda")
-    k_cache, bt = _paged(torch.randn(L, hkv, d, dtype=dt, device="cuda"), PAGE)
-    v_cache = torch.randn_like(k_cache)
+    k_cache, v_cache, bt = _paged_kv(torch.randn(L, hkv, d, dtype=dt, device="cuda"),
+                                     torch.randn(L, hkv, d, dtype=dt, device="cuda"), PAGE)
     cu = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
     lens = torch.tensor([L], dtype=torch.int32, device="cuda")
     inv = RopeSpec(d, theta).inv_freq().cuda()
@@ -483,7 +490,8 @@ def main() -> None:
         by a time limit keeps what it measured; ``complete`` says whether every shape ran)."""
         meta = (f"# Seer kernels benchmark\n\nDate: {datetime.date.today()}. Device: "
                 f"{torch.cuda.get_device_name()}; " + "; ".join(f"{k} {v}" for k, v in versions.items())
-                + f". Paged KV cache pages {pages} (the first is the headline), gate block {BS}, "
+                + f". Paged KV cache pages {pages} (the first is the headline) in vLLM CUDA's "
+                f"layout (K|V packed per token row, [pages, page, Hkv, 2D]), gate block {BS}, "
                 f"bf16, one request prefilled at once, top-k selection (last two query-block rows "
                 f"dense, diagonal forced). Selections: random = the gate's top-k on random inputs "
                 f"(Seer time = gate + attention run back to back); structured / real = fixed masks "

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,8 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
               inv_freq: torch.Tensor, sel: Selection, bufs: SeerBuffers,
               rope_table: torch.Tensor | None = None,
               grouped_weight: torch.Tensor | None = None, *,
-              q_scale: torch.Tensor | None = None, k_scale: torch.Tensor | None = None) -> None:
+              q_scale: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+              rope_positions: torch.Tensor | None = None) -> None:
     """Pool (RoPE undone), score and select: fills ``bufs.block_index`` / ``bufs.block_count``.
 
     Four launches with the start-up tables and a per-step ``bufs.topk``: the pooling of K and Q
@@ -122,13 +124,15 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
         rope_table, grouped_weight: the start-up tables of
             :func:`vllm_seer.kernels.block_select.triton.block_select` (built per call if ``None``).
         q_scale, k_scale: scales of a float8 query / cache (the gate pools dequantized values).
+        rope_positions: the start-up per-position cos/sin table of :func:`pool_qk` (computed per
+            element when ``None``).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.paged_pool.triton import pool_qk
 
     bs = bufs.plan.block_size
     pool_qk(k_cache, block_table, q, cu_seqlens_q, seq_lens, inv_freq, bufs.k_pooled,
-            bufs.q_pooled, bs, k_scale=k_scale, q_scale=q_scale)
+            bufs.q_pooled, bs, k_scale=k_scale, q_scale=q_scale, rope_positions=rope_positions)
     block_select(bufs.q_pooled, bufs.k_pooled, weight, inv_freq, cu_seqlens_q, seq_lens, sel,
                  bufs.block_index, bufs.block_count, bs, bufs.scores, bufs.topk, rope_table,
                  grouped_weight)
@@ -167,7 +171,9 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
             device: torch.device | str, block_size: int = 64, tokens: int = 16384,
             rope_table: torch.Tensor | None = None,
             grouped_weight: torch.Tensor | None = None, *, kv_dtype: torch.dtype | None = None,
-            out_dtype: torch.dtype | None = None) -> None:
+            out_dtype: torch.dtype | None = None,
+            kv_views: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+            rope_positions: torch.Tensor | None = None) -> None:
     """Compile and autotune every Seer kernel variant a request can need, on synthetic inputs.
 
     Autotuned configs are keyed by head dim, page and block size only, and the sizes that change
@@ -182,6 +188,12 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         tokens: clipped to ``max_blocks * block_size``.
         kv_dtype: the cache's dtype (``q_dtype`` when ``None``); float8 inputs get unit scales.
         out_dtype: the attention output's (``q_dtype`` when ``None``).
+        kv_views: ``pages -> (k_cache, v_cache)`` views ``[pages, page_size, Hkv, D]`` of a random
+            cache laid out as the server's real one (its strides decide which kernel variants are
+            compiled: vLLM's packed K|V rows read through TMA boxes with another head stride than
+            separate caches); ``None``: separate contiguous K and V caches.
+        rope_positions: the per-position cos/sin table the backend passes to :func:`seer_gate`
+            (its pooling variant is compiled with it).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
@@ -194,8 +206,14 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
     for n in sorted({min(tokens, max_blocks * block_size), min(32 * block_size,
                                                                  max_blocks * block_size)}):
         pages = -(-n // page_size)
-        k_cache = torch.randn(pages, page_size, hkv, head_dim, device=dev).to(kv_dtype)
-        v_cache = torch.randn(pages, page_size, hkv, head_dim, device=dev).to(kv_dtype)
+        if kv_views is None:
+            k_cache = torch.randn(pages, page_size, hkv, head_dim, device=dev).to(kv_dtype)
+            v_cache = torch.randn(pages, page_size, hkv, head_dim, device=dev).to(kv_dtype)
+        else:
+            k_cache, v_cache = kv_views(pages)
+            if k_cache.shape[1:] != (page_size, hkv, head_dim) or k_cache.dtype != kv_dtype:
+                raise ValueError(f"kv_views({pages}) gave {tuple(k_cache.shape)} {k_cache.dtype}; "
+                                 f"expected [{pages}, {page_size}, {hkv}, {head_dim}] {kv_dtype}")
         block_table = torch.randperm(pages, device=dev).to(torch.int32)[None]
         q = torch.randn(n, hq, head_dim, device=dev).to(q_dtype)
         cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
@@ -203,7 +221,8 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         bufs = SeerBuffers.allocate(plan_batch([0, n], [n], block_size), hq, hkv, head_dim, dev)
         bufs.set_topk([n], sel)
         seer_gate(q, k_cache, block_table, cu, lens, weight, inv_freq, sel, bufs, rope_table,
-                  grouped_weight, q_scale=q_scale, k_scale=kv_scale)
+                  grouped_weight, q_scale=q_scale, k_scale=kv_scale,
+                  rope_positions=rope_positions)
         sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
                              bufs.block_count, torch.empty(q.shape, dtype=out_dtype, device=dev),
                              1.0 / head_dim ** 0.5, block_size, bufs.split, q_scale=q_scale,

@@ -26,6 +26,23 @@ def cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.con
 
 
 @triton.jit
+def rope_cs(pos, ok, f_ptr, t_ptr, offs, half_ok, HALF: tl.constexpr, HAS_ROPE: tl.constexpr,
+            HAS_TABLE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """``[R, HALF]`` cos/sin of ``pos * inv_freq``: read from the per-position table ``t``
+    ``[NPOS, 2, HALF]`` fp32 (``HAS_TABLE``: :func:`vllm_seer.gate.block_rope_table` with block
+    size 1, the same fp32 angles; rows where ``ok`` is false are not read), else computed
+    (:func:`cos_sin`)."""
+    if HAS_TABLE:
+        rows = t_ptr + pos.to(tl.int64)[:, None] * (2 * HALF) + offs[None, :]
+        m = ok[:, None] & half_ok[None, :]
+        c = tl.load(rows, mask=m, other=1.0)
+        s = tl.load(rows + HALF, mask=m, other=0.0)
+    else:
+        c, s = cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
+    return c, s
+
+
+@triton.jit
 def request_blocks(cu_ptr, lens_ptr, b, BLOCK: tl.constexpr):
     """This step's rows of request ``b`` in gate blocks (int64): ``(q_lo, start, seq_len, qb0,
     nqb)``: its first packed query row, the first and past-the-last position of its rows, its first

@@ -20,7 +20,7 @@ import torch
 from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, check_presence, dequantize
 from vllm_seer.kernels.sparse_prefill.naive import gather_paged
 
-from vllm_seer.gate import pool_k, pool_q
+from vllm_seer.gate import block_rope_table, pool_k, pool_q
 from vllm_seer.rope import rotate
 
 
@@ -118,9 +118,22 @@ def pool_qk_ref(
     *,
     k_scale: torch.Tensor | float | None = None,
     q_scale: torch.Tensor | float | None = None,
+    rope_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pool_k_paged_ref` then :func:`pool_q_varlen_ref` (the Triton ``pool_qk`` does both
-    in one launch); returns ``(k_out, q_out)``."""
+    in one launch); returns ``(k_out, q_out)``. ``rope_positions``: the per-position cos/sin table
+    the Triton kernel reads instead of evaluating cos/sin; here it is only checked to be that of
+    ``inv_freq`` (:func:`vllm_seer.gate.block_rope_table` with block size 1) over every position
+    of the batch, and the angles are computed as without it."""
+    if rope_positions is not None:
+        if inv_freq is None:
+            raise ValueError("rope_positions without inv_freq: nothing to un-rotate")
+        want = block_rope_table(inv_freq.to(rope_positions.device), rope_positions.shape[0], 1)
+        if want.shape != rope_positions.shape or not torch.allclose(want, rope_positions):
+            raise ValueError("rope_positions is not block_rope_table(inv_freq, NPOS, 1)")
+        if int(seq_lens.max()) > rope_positions.shape[0]:
+            raise ValueError(f"rope_positions covers {rope_positions.shape[0]} positions, a "
+                             f"request has {int(seq_lens.max())}")
     pool_k_paged_ref(k_cache, block_table, seq_lens, inv_freq, k_out, block_size, k_scale=k_scale)
     pool_q_varlen_ref(q, cu_seqlens_q, seq_lens, inv_freq, q_out, block_size, q_scale=q_scale)
     return k_out, q_out

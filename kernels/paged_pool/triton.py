@@ -4,10 +4,14 @@ Same signatures and semantics as :mod:`vllm_seer.kernels.paged_pool.naive`. RoPE
 token from ``inv_freq`` (angle ``pos * inv_freq`` in fp32, accurate libdevice cos/sin on GPU), so
 the cache is read once and nothing but the pooled blocks is written: memory bound.
 
-Grids come from the output shapes (no host sync): K ``(MKB, B)``, Q ``(MQB, B)``; a program
-loops over the heads so cos/sin are computed once per block; programs past their request's
-blocks exit at once. A ``float8_e4m3fn`` cache (query) is loaded as float8, converted to fp32 and
-multiplied by its scale, read in-kernel from vLLM's device tensor (``SCALED``: compile-time).
+Grids come from the output shapes (no host sync): K ``(MKB, B)``, Q ``(MQB, B)``, a program
+looping over the heads so cos/sin are computed once per block. The gate's fused ``pool_qk``
+(``(Hkv / KH, MKB + MQB, B)``) splits the heads over ``KH``-head programs (autotuned) and reads
+cos/sin from a per-position table made at start-up when given one (on the H200 at 128k context
+the one-program-per-block form ran at ~0.7 TB/s: latency bound, the heads' loads one after
+another). Programs past their request's blocks exit at once. A ``float8_e4m3fn`` cache (query)
+is loaded as float8, converted to fp32 and multiplied by its scale, read in-kernel from vLLM's
+device tensor (``SCALED``: compile-time).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, scale_arg
-from vllm_seer.kernels.triton_common import cos_sin, request_blocks
+from vllm_seer.kernels.triton_common import request_blocks, rope_cs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -46,17 +50,20 @@ def _load_scaled(ptrs, mask, s_ptr, SCALED: tl.constexpr):
 
 @triton.jit
 def _pool_k_block(
-    kb, b, k_ptr, bt_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
+    kb, b, h0, k_ptr, bt_ptr, lens_ptr, f_ptr, t_ptr, s_ptr, o_ptr,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_btb, stride_btp,
     stride_ob, stride_on, stride_oh, stride_oc,
-    HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
+    NH: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_TABLE: tl.constexpr,
+    LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
 ):
-    """Key block ``kb`` of request ``b``: ``[max | min | avg]`` of its un-rotated keys per head.
+    """Key block ``kb`` of request ``b``: ``[max | min | avg]`` of its un-rotated keys for the
+    ``NH`` heads ``h0 .. h0 + NH - 1``.
 
-    k: ``[P, PAGE_SIZE, HKV, 2*HALF]``; out: ``[B, MKB, HKV, 6*HALF]``; s: ``[1]`` fp32 scale of a
-    float8 cache (``SCALED`` only). Blocks past the request's keys write nothing."""
+    k: ``[P, PAGE_SIZE, HKV, 2*HALF]``; out: ``[B, MKB, HKV, 6*HALF]``; t: the per-position
+    cos/sin table (``HAS_TABLE``); s: ``[1]`` fp32 scale of a float8 cache (``SCALED`` only).
+    Blocks past the request's keys write nothing."""
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
     if kb * BLOCK < seq_len:
         pos = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
@@ -66,9 +73,11 @@ def _pool_k_block(
         page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE_SIZE) * stride_btp,
                        mask=ok, other=0).to(tl.int64)
         m2 = ok[:, None] & half_ok[None, :]
-        c, sn = cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
+        c, sn = rope_cs(pos, ok, f_ptr, t_ptr, offs, half_ok, HALF, HAS_ROPE, HAS_TABLE,
+                        LIBDEVICE)
         cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
-        for h in range(HKV):
+        for hh in range(NH):
+            h = h0 + hh
             base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
             x1 = _load_scaled(base[:, None] + offs[None, :] * stride_kd, m2, s_ptr, SCALED)
             x2 = _load_scaled(base[:, None] + (offs[None, :] + HALF) * stride_kd, m2, s_ptr,
@@ -90,13 +99,15 @@ def _pool_k_block(
 
 @triton.jit
 def _pool_q_block(
-    j, b, q_ptr, cu_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
+    j, b, h0, q_ptr, cu_ptr, lens_ptr, f_ptr, t_ptr, s_ptr, o_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_ob, stride_on, stride_oh, stride_od,
-    HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
+    NH: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_TABLE: tl.constexpr, LIBDEVICE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
-    """Local query block ``j`` of request ``b``: the mean of its un-rotated query rows per head.
+    """Local query block ``j`` of request ``b``: the mean of its un-rotated query rows for the
+    ``NH`` heads ``h0 .. h0 + NH - 1``.
 
     q: ``[T, HQ, 2*HALF]``; out: ``[B, MQB, HQ, 2*HALF]``. Blocks past the request's rows write
     nothing."""
@@ -107,9 +118,11 @@ def _pool_q_block(
         offs = tl.arange(0, BLOCK_HALF)
         half_ok = offs < HALF
         m2 = ok[:, None] & half_ok[None, :]
-        c, sn = cos_sin(pos, f_ptr, offs, half_ok, HAS_ROPE, LIBDEVICE)
+        c, sn = rope_cs(pos, ok, f_ptr, t_ptr, offs, half_ok, HALF, HAS_ROPE, HAS_TABLE,
+                        LIBDEVICE)
         cnt = tl.sum(ok.to(tl.float32), 0)
-        for h in range(HQ):
+        for hh in range(NH):
+            h = h0 + hh
             base = q_ptr + (q_lo + pos - start) * stride_qt + h * stride_qh
             x1 = _load_scaled(base[:, None] + offs[None, :] * stride_qd, m2, s_ptr, SCALED)
             x2 = _load_scaled(base[:, None] + (offs[None, :] + HALF) * stride_qd, m2, s_ptr,
@@ -133,12 +146,12 @@ def _pool_k_kernel(
     HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
 ):
-    # one program per (key block, request)
-    _pool_k_block(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
-                  k_ptr, bt_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
+    # one program per (key block, request), every head
+    _pool_k_block(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), 0,
+                  k_ptr, bt_ptr, lens_ptr, f_ptr, f_ptr, s_ptr, o_ptr,
                   stride_kp, stride_kt, stride_kh, stride_kd, stride_btb, stride_btp,
                   stride_ob, stride_on, stride_oh, stride_oc,
-                  HKV, HALF, BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, LIBDEVICE, SCALED)
+                  HKV, HALF, BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, False, LIBDEVICE, SCALED)
 
 
 @triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
@@ -153,20 +166,37 @@ def _pool_q_kernel(
     HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
     HAS_ROPE: tl.constexpr, LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
 ):
-    # one program per (local query block, request)
-    _pool_q_block(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
-                  q_ptr, cu_ptr, lens_ptr, f_ptr, s_ptr, o_ptr,
+    # one program per (local query block, request), every head
+    _pool_q_block(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), 0,
+                  q_ptr, cu_ptr, lens_ptr, f_ptr, f_ptr, s_ptr, o_ptr,
                   stride_qt, stride_qh, stride_qd, stride_ob, stride_on, stride_oh, stride_od,
-                  HQ, HALF, BLOCK_HALF, BLOCK, HAS_ROPE, LIBDEVICE, SCALED)
+                  HQ, HALF, BLOCK_HALF, BLOCK, HAS_ROPE, False, LIBDEVICE, SCALED)
+
+
+def _qk_configs() -> list[triton.Config]:
+    """``KH``: KV heads pooled per program (its query heads with them); several programs per
+    block keep more loads in flight than one program looping over every head."""
+    if INTERPRET:
+        return [triton.Config({"KH": 1}, num_warps=4, num_stages=1)]  # several head groups
+    return [triton.Config({"KH": kh}, num_warps=w, num_stages=1)
+            for kh in (1, 2, 8) for w in (2, 4)]
+
+
+def _prune_qk(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    hkv = kwargs["HKV"]
+    keep = [c for c in configs if hkv % c.kwargs["KH"] == 0]
+    return keep[:1] if INTERPRET else keep
 
 
 @triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
+                    "HAS_TABLE": lambda a: a["t_ptr"] is not None,
                     "K_SCALED": lambda a: a["ks_ptr"] is not None,
                     "Q_SCALED": lambda a: a["qs_ptr"] is not None})
-@triton.autotune(configs=_configs(), key=["HALF", "PAGE_SIZE", "BLOCK"])
+@triton.autotune(configs=_qk_configs(), key=["HALF", "PAGE_SIZE", "BLOCK", "HAS_TABLE"],
+                 prune_configs_by={"early_config_prune": _prune_qk})
 @triton.jit(do_not_specialize=["MKB", "MQB", "stride_btb"])
 def _pool_qk_kernel(
-    k_ptr, bt_ptr, ks_ptr, ko_ptr, q_ptr, cu_ptr, qs_ptr, qo_ptr, lens_ptr, f_ptr,
+    k_ptr, bt_ptr, ks_ptr, ko_ptr, q_ptr, cu_ptr, qs_ptr, qo_ptr, lens_ptr, f_ptr, t_ptr,
     MKB, MQB,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_btb, stride_btp,
@@ -175,20 +205,26 @@ def _pool_qk_kernel(
     stride_qob, stride_qon, stride_qoh, stride_qod,
     HKV: tl.constexpr, HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr,
-    LIBDEVICE: tl.constexpr, K_SCALED: tl.constexpr, Q_SCALED: tl.constexpr,
+    HAS_TABLE: tl.constexpr, LIBDEVICE: tl.constexpr, K_SCALED: tl.constexpr,
+    Q_SCALED: tl.constexpr, KH: tl.constexpr,
 ):
-    # grid (MKB + MQB, B): programs [0, MKB) pool key blocks, [MKB, MKB + MQB) query blocks
-    i = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    # grid (HKV // KH, MKB + MQB, B): head group g; programs [0, MKB) of axis 1 pool key blocks
+    # (KH KV heads), [MKB, MKB + MQB) query blocks (the group's KH * HQ // HKV query heads)
+    g = tl.program_id(0)
+    i = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    QH: tl.constexpr = KH * (HQ // HKV)
     if i < MKB:
-        _pool_k_block(i, b, k_ptr, bt_ptr, lens_ptr, f_ptr, ks_ptr, ko_ptr,
+        _pool_k_block(i, b, g * KH, k_ptr, bt_ptr, lens_ptr, f_ptr, t_ptr, ks_ptr, ko_ptr,
                       stride_kp, stride_kt, stride_kh, stride_kd, stride_btb, stride_btp,
                       stride_kob, stride_kon, stride_koh, stride_koc,
-                      HKV, HALF, BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, LIBDEVICE, K_SCALED)
+                      KH, HALF, BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, HAS_TABLE, LIBDEVICE,
+                      K_SCALED)
     else:
-        _pool_q_block(i - MKB, b, q_ptr, cu_ptr, lens_ptr, f_ptr, qs_ptr, qo_ptr,
+        _pool_q_block(i - MKB, b, g * QH, q_ptr, cu_ptr, lens_ptr, f_ptr, t_ptr, qs_ptr, qo_ptr,
                       stride_qt, stride_qh, stride_qd, stride_qob, stride_qon, stride_qoh,
-                      stride_qod, HQ, HALF, BLOCK_HALF, BLOCK, HAS_ROPE, LIBDEVICE, Q_SCALED)
+                      stride_qod, QH, HALF, BLOCK_HALF, BLOCK, HAS_ROPE, HAS_TABLE, LIBDEVICE,
+                      Q_SCALED)
 
 
 def pool_k_paged(
@@ -281,12 +317,18 @@ def pool_qk(
     *,
     k_scale: torch.Tensor | float | None = None,
     q_scale: torch.Tensor | float | None = None,
+    rope_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pool_k_paged` and :func:`pool_q_varlen` in one launch (the gate's pooling step).
 
     Same arguments and results as the two calls ``pool_k_paged(k_cache, block_table, seq_lens,
     inv_freq, k_out, block_size, k_scale=k_scale)`` and ``pool_q_varlen(q, cu_seqlens_q, seq_lens,
     inv_freq, q_out, block_size, q_scale=q_scale)``; returns ``(k_out, q_out)``.
+
+    ``rope_positions``: optional ``[NPOS, 2, D // 2]`` fp32 cos/sin of ``p * inv_freq`` for every
+    position ``p < NPOS`` (:func:`vllm_seer.gate.block_rope_table` with block size 1, made once at
+    start-up; ``NPOS`` at least every request's length): read instead of evaluating cos/sin per
+    element (the same fp32 angles). Programs pool ``KH`` KV heads each (autotuned).
     """
     ks = scale_arg(k_scale, "k_scale", check_dtype(k_cache, "k_cache"), k_cache.device)
     qs = scale_arg(q_scale, "q_scale", check_dtype(q, "q"), q.device)
@@ -300,9 +342,20 @@ def pool_qk(
         raise ValueError(f"k_out has {bsz} requests, q_out {q_out.shape[0]}")
     if bsz == 0 or mkb + mqb == 0:
         return k_out, q_out
-    _pool_qk_kernel[(mkb + mqb, bsz)](
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    if rope_positions is not None:
+        if inv_freq is None:
+            raise ValueError("rope_positions without inv_freq: nothing to un-rotate")
+        if (rope_positions.dtype != torch.float32 or rope_positions.dim() != 3
+                or tuple(rope_positions.shape[1:]) != (2, d // 2)
+                or not rope_positions.is_contiguous()):
+            raise ValueError(f"rope_positions {tuple(rope_positions.shape)} "
+                             f"{rope_positions.dtype}: expected contiguous [NPOS, 2, {d // 2}] "
+                             "float32")
+    _pool_qk_kernel[lambda meta: (hkv // meta["KH"], mkb + mqb, bsz)](
         k_cache, block_table, ks, k_out, q, cu_seqlens_q, qs, q_out, seq_lens, inv_freq,
-        mkb, mqb,
+        rope_positions, mkb, mqb,
         *k_cache.stride(), *block_table.stride(), *k_out.stride(), *q.stride(), *q_out.stride(),
         HKV=hkv, HQ=hq, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2),
         PAGE_SIZE=page_size, BLOCK=block_size, LIBDEVICE=not INTERPRET,

@@ -249,12 +249,13 @@ def _sparse_prefill_kernel(
         # list is all -1 and its loop does not run)
         kb = tl.maximum(tl.load(list_ptr + tl.minimum(lo, tl.maximum(n_full - 1, 0))), 0)
         if USE_TMA:  # one int32 coordinate carried per entry; TMA computes the addresses
-            col = (kvh * HEAD_DIM).to(tl.int32)
+            col_k = (kvh * stride_kh).to(tl.int32)  # the head's first column in a token's row
+            col_v = (kvh * stride_vh).to(tl.int32)
             r_kv = _page_row(kb, bt_row, stride_btp, PAGE_SIZE, BLOCK)
             for i in range(lo, n_full):
                 kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
-                k = k_desc.load([r_kv, col])  # [BLOCK, D]
-                v = v_desc.load([r_kv, col])
+                k = k_desc.load([r_kv, col_k])  # [BLOCK, D]
+                v = v_desc.load([r_kv, col_v])
                 r_kv = _page_row(kb_n, bt_row, stride_btp, PAGE_SIZE, BLOCK)
                 acc, m_i, l_i = _online_softmax_step(q, tl.trans(k), v, acc, m_i, l_i, qk_scale,
                                                      True, False, DOT_FP32, KV_FP8, FP8_QK,
@@ -305,21 +306,28 @@ def _sparse_prefill_kernel(
 
 def tma_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block: int,
                     ) -> tuple[TensorDescriptor, TensorDescriptor] | None:
-    """Tensor descriptors over the ``[num_pages * page_size, Hkv * D]`` views of ``k_cache`` /
-    ``v_cache`` ``[num_pages, page_size, Hkv, D]`` with ``[block, D]`` boxes, or ``None`` where
-    TMA cannot load a key block as one box: pages not a multiple of ``block``, a head dim that is
-    not a power of two (the box would read the next head), a layout other than token-major
-    contiguous rows (vLLM CUDA's own), or addresses not 16-byte aligned."""
+    """Tensor descriptors over the token rows of ``k_cache`` / ``v_cache`` ``[num_pages,
+    page_size, Hkv, D]`` with ``[block, D]`` boxes, or ``None`` where TMA cannot load a key block as
+    one box.
+
+    Each view is read as a 2-D ``[num_pages * page_size, (Hkv - 1) * head_stride + D]`` tensor
+    with the token stride as row stride; head ``h``'s box starts at column ``h * head_stride``.
+    That covers vLLM CUDA's layouts: separate contiguous K and V (head stride ``D``) and the
+    packed ``[num_pages, page, Hkv, 2D]`` K|V rows of vLLM 0.26+ (head stride ``2D``, the V view
+    starting ``D`` elements in). ``None`` for pages not a multiple of ``block``, a head dim that
+    is not a power of two (the box would read the next head), head-major pages (tokens of a page
+    not one stride apart across pages), or addresses / strides not 16-byte aligned."""
     page, hkv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     if page % block or d != triton.next_power_of_2(d) or d * k_cache.element_size() < 16:
         return None
     descs = []
     for c in (k_cache, v_cache):
-        st = c.stride()
-        if (st[3] != 1 or st[2] != d or st[1] != hkv * d or st[0] != page * hkv * d
-                or c.data_ptr() % 16 or (st[1] * c.element_size()) % 16):
+        st, es = c.stride(), c.element_size()
+        cols = (hkv - 1) * st[2] + d
+        if (st[3] != 1 or st[0] != page * st[1] or st[2] < d or st[1] < cols
+                or c.data_ptr() % 16 or (st[1] * es) % 16):
             return None
-        descs.append(TensorDescriptor(c, [c.shape[0] * page, hkv * d], [st[1], 1], [block, d]))
+        descs.append(TensorDescriptor(c, [c.shape[0] * page, cols], [st[1], 1], [block, d]))
     return descs[0], descs[1]
 
 

@@ -29,7 +29,8 @@ def make_batch(seq_lens: list[int], n_new: list[int], hq: int, hkv: int, d: int,
     """Random K/V for every context position, scattered over shuffled pages.
 
     ``layout``: ``"token"`` (CUDA: ``[P, page, Hkv, D]`` contiguous), ``"head"`` (CPU:
-    ``[P, Hkv, page, D]`` transposed) or ``"kv"`` (vLLM's ``[P, Hkv, page, 2D]`` K|V, sliced).
+    ``[P, Hkv, page, D]`` transposed), ``"kv"`` (``[P, Hkv, page, 2D]`` K|V, sliced: vLLM's HND
+    layout) or ``"nhd"`` (``[P, page, Hkv, 2D]`` K|V rows, sliced: vLLM CUDA's default NHD layout).
     """
     pages_per = [-(-L // page_size) for L in seq_lens]
     max_pages = max(pages_per) + 1
@@ -44,6 +45,9 @@ def make_batch(seq_lens: list[int], n_new: list[int], hq: int, hkv: int, d: int,
     elif layout == "kv":
         kv = torch.randn(total, hkv, page_size, 2 * d, dtype=dtype, device=device)
         k_cache, v_cache = kv[..., :d].transpose(1, 2), kv[..., d:].transpose(1, 2)
+    elif layout == "nhd":
+        kv = torch.randn(total, page_size, hkv, 2 * d, dtype=dtype, device=device)
+        k_cache, v_cache = kv[..., :d], kv[..., d:]
     else:
         raise ValueError(layout)
     block_table = torch.full((len(seq_lens), max_pages), total - 1, dtype=torch.int32,

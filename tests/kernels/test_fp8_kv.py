@@ -32,6 +32,7 @@ K_SCALE, V_SCALE, Q_SCALE = 0.03, 0.015, 0.04  # stored x / scale stays below e4
 ATTN_CASES = {
     "ragged-chunked-gqa4-p16": ([150, 64, 97], [40, 64, 97], 4, 1, 64, 16, "token", 64, 0.5),
     "empty-request-mha-kv-view": ([128, 90, 60], [128, 0, 5], 2, 2, 64, 64, "kv", 64, 0.6),
+    "vllm-nhd-rows-p64-gqa2": ([200, 70], [90, 70], 4, 2, 64, 64, "nhd", 64, 0.6),
     "cached-context-head-major-gqa3": ([200, 45], [70, 45], 3, 1, 64, 32, "head", 32, 0.5),
 }
 SPLIT_CASES = {  # (case, (split_blocks, capacity)): long rows in 2-block slices; capacity 5 overflows
@@ -41,6 +42,7 @@ SPLIT_CASES = {  # (case, (split_blocks, capacity)): long rows in 2-block slices
 GPU_ATTN_CASES = {
     "llama-32k-chunk-p16": ([32768, 3000], [4096, 3000], 32, 8, 128, 16, "token", 64, 0.1),
     "llama-8k-p64": ([8192], [8192], 32, 8, 128, 64, "token", 64, 0.3),
+    "llama-8k-p64-vllm-nhd": ([8192, 2000], [4096, 2000], 32, 8, 128, 64, "nhd", 64, 0.3),
     "smollm-ragged-kv-view": ([4100, 777, 64], [4100, 300, 1], 9, 3, 64, 32, "kv", 64, 0.3),
 }
 

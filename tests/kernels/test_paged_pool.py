@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from _paged import DEVICE, make_batch
 from vllm_seer.kernels.paged_pool import pool_k_paged_ref, pool_q_varlen_ref
 
+from vllm_seer.gate import block_rope_table
 from vllm_seer.rope import RopeSpec
 
 LLAMA3 = RopeSpec(64, 500000.0, "llama3", (("factor", 8.0), ("high_freq_factor", 4.0),
@@ -63,10 +66,12 @@ def _run(case: tuple, dtype: torch.dtype = torch.float16, bs: int = 64) -> None:
     # round in another order) against the references, and the reference of both exactly
     from vllm_seer.kernels.paged_pool import pool_qk, pool_qk_ref
 
-    for fn, tol in ((pool_qk, 1e-4), (pool_qk_ref, 0.0)):
+    # with RoPE, also with the start-up per-position cos/sin table (read instead of computed)
+    tables = [None] if inv is None else [None, block_rope_table(inv, max(lens) + 3, 1)]
+    for (fn, tol), table in itertools.product(((pool_qk, 1e-4), (pool_qk_ref, 0.0)), tables):
         k2, q2 = torch.full_like(k_ref, float("nan")), torch.full_like(q_ref, float("nan"))
         fn(batch.k_cache, batch.block_table, batch.q, batch.cu_seqlens_q, batch.seq_lens, inv,
-           k2, q2, bs)
+           k2, q2, bs, rope_positions=table)
         torch.testing.assert_close(k2, k_ref, rtol=tol, atol=tol, equal_nan=True)
         torch.testing.assert_close(q2, q_ref, rtol=tol, atol=tol, equal_nan=True)
 
@@ -74,6 +79,22 @@ def _run(case: tuple, dtype: torch.dtype = torch.float16, bs: int = 64) -> None:
 @pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
 def test_pool_matches_reference(case: tuple) -> None:
     _run(case)
+
+
+def test_pool_qk_refuses_a_wrong_position_table() -> None:
+    from vllm_seer.kernels.paged_pool import pool_qk, pool_qk_ref
+
+    b = make_batch([100], [40], 2, 1, 64, 16, torch.float16, "token", DEVICE)
+    inv = _inv_freq("default", 64)
+    k = torch.empty(1, 2, 1, 192, device=DEVICE)
+    q = torch.empty(1, 1, 2, 64, device=DEVICE)
+    args = (b.k_cache, b.block_table, b.q, b.cu_seqlens_q, b.seq_lens, inv, k, q)
+    with pytest.raises(ValueError, match="expected contiguous"):
+        pool_qk(*args, rope_positions=torch.zeros(128, 2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="not block_rope_table"):
+        pool_qk_ref(*args, rope_positions=block_rope_table(inv * 2, 128, 1))
+    with pytest.raises(ValueError, match="covers 64 positions"):
+        pool_qk_ref(*args, rope_positions=block_rope_table(inv, 64, 1))
 
 
 def test_pool_bf16_small_blocks() -> None:

@@ -86,6 +86,7 @@ def test_sparse_prefill_split_rows_gpu(dtype: torch.dtype) -> None:
 TMA_CASES = {
     "ragged-chunked-p64-gqa2": ([200, 64, 131], [90, 64, 131], 4, 2, 64, 64, "token", 64, 0.5),
     "d128-p128-gqa4": ([260], [140], 4, 1, 128, 128, "token", 64, 0.6),
+    "vllm-nhd-kv-rows-p64": ([200, 131], [90, 131], 4, 2, 64, 64, "nhd", 64, 0.5),
 }
 
 
@@ -142,8 +143,9 @@ def test_sparse_prefill_gpu(case: tuple, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("band", [0, 64])
 @pytest.mark.parametrize("tma", [True, False])
 def test_sparse_prefill_tma_band_gpu(tma: bool, band: int) -> None:
-    # Llama shapes over 64-token pages (the CUDA backend's default), a chunk over 12k of context
-    _run(([12288, 3000], [4096, 3000], 32, 8, 128, 64, "token", 64, 0.2), torch.bfloat16,
+    # Llama shapes over 64-token pages (the CUDA backend's default) in vLLM's packed K|V rows, a
+    # chunk over 12k of context
+    _run(([12288, 3000], [4096, 3000], 32, 8, 128, 64, "nhd", 64, 0.2), torch.bfloat16,
          tma=tma, band=band)
 
 

@@ -10,6 +10,7 @@ variants and autotune entries of every Seer kernel before and after.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -67,13 +68,20 @@ def _counts() -> dict[str, tuple[int, int]]:
 
 
 def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: torch.Tensor,
-         inv: torch.Tensor, table: torch.Tensor, grouped: torch.Tensor, fp8: bool = False) -> None:
-    """``fp8``: an FP8 cache and query (as vLLM's FlashAttention FP8 path hands them)."""
+         inv: torch.Tensor, table: torch.Tensor, grouped: torch.Tensor, fp8: bool = False,
+         layout: str = "token", positions: torch.Tensor | None = None) -> None:
+    """``fp8``: an FP8 cache and query (as vLLM's FlashAttention FP8 path hands them);
+    ``layout`` of the cache (``nhd``: vLLM's packed K|V rows, the query then a strided view of a
+    wider QKV-like tensor as vLLM hands it)."""
     from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
     dev = "cuda"
-    b = make_batch(lens, news, HQ, HKV, D, page, dtype=torch.bfloat16, device=dev)
+    b = make_batch(lens, news, HQ, HKV, D, page, dtype=torch.bfloat16, layout=layout, device=dev)
+    if layout == "nhd":
+        qkv = torch.randn(b.q.shape[0], HQ + 2 * HKV, D, dtype=b.q.dtype, device=dev)
+        qkv[:, :HQ] = b.q
+        b = dataclasses.replace(b, q=qkv[:, :HQ])
     scales: dict[str, torch.Tensor] = {}
     if fp8:
         b = fp8_batch(b, 0.03, 0.03, 0.03)
@@ -81,7 +89,8 @@ def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: to
     bufs = SeerBuffers.allocate(plan_batch(b.cu_seqlens_q.tolist(), lens, BS), HQ, HKV, D, dev)
     bufs.set_topk(lens, sel)
     seer_gate(b.q, b.k_cache, b.block_table, b.cu_seqlens_q, b.seq_lens, weight, inv, sel,
-              bufs, table, grouped, q_scale=scales.get("q_scale"), k_scale=scales.get("k_scale"))
+              bufs, table, grouped, q_scale=scales.get("q_scale"), k_scale=scales.get("k_scale"),
+              rope_positions=positions)
     out = torch.full(b.q.shape, float("nan"), dtype=torch.bfloat16, device=dev)
     sparse_prefill_paged(b.q, b.k_cache, b.v_cache, b.block_table, b.cu_seqlens_q, b.seq_lens,
                          bufs.block_index, bufs.block_count, out, 1.0 / math.sqrt(D), BS,
@@ -98,23 +107,40 @@ def _gate_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("sel", [Selection("nz_ratio", 0.0, 0.1, True),
                                  Selection("threshold", 5e-4, 0.0, False)], ids=["topk", "threshold"])
-@pytest.mark.parametrize("page,fp8", [(16, False), (64, False), (64, True)],
-                         ids=["p16", "p64", "p64-fp8"])
-def test_no_compile_after_warm_up(page: int, fp8: bool, sel: Selection) -> None:
+@pytest.mark.parametrize("page,fp8,layout", [(16, False, "token"), (64, False, "token"),
+                                             (64, True, "token"), (64, False, "nhd"),
+                                             (64, True, "nhd")],
+                         ids=["p16", "p64", "p64-fp8", "p64-vllm-layout", "p64-fp8-vllm-layout"])
+def test_no_compile_after_warm_up(page: int, fp8: bool, layout: str, sel: Selection) -> None:
+    """``nhd``: the warm-up as the CUDA backend runs it, on a synthetic cache in the layout vLLM
+    allocates (its FlashAttention backend's shape and stride order), and requests on such caches."""
     from vllm_seer.kernels.planning import warm_up
 
     weight, inv, table, grouped = _gate_inputs()
     _forget_compiled()
     f8 = torch.float8_e4m3fn
+    views = positions = None
+    if layout == "nhd":  # and the per-position cos/sin table of the backend's runtime
+        positions = block_rope_table(inv, MAX_BLOCKS * BS, 1)
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+        from vllm_seer.backend import compat
+
+        def views(pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+            cache = compat.synthetic_kv_cache(FlashAttentionBackend, pages, page, HKV, D,
+                                              f8 if fp8 else torch.bfloat16, "cuda")
+            return compat.cuda_kv_views(cache, D, f8 if fp8 else None)
+
     warm_up(f8 if fp8 else torch.bfloat16, HQ, HKV, D, page, weight, inv, sel, MAX_BLOCKS, "cuda",
-            BS, 16384, table, grouped, kv_dtype=f8 if fp8 else None, out_dtype=torch.bfloat16)
+            BS, 16384, table, grouped, kv_dtype=f8 if fp8 else None, out_dtype=torch.bfloat16,
+            kv_views=views, rope_positions=positions)
     torch.cuda.synchronize()
     before = _counts()
     assert all(c > 0 for c, _ in before.values()), f"the warm-up left kernels unbuilt: {before}"
     cases = [([1000], [1000]), ([20000, 3000], [4096, 3000]), ([70001, 65], [777, 65]),
              ([131072], [8192]), ([40000, 9000, 130], [40000, 1, 130])]
     for lens, news in cases:
-        _run(lens, news, page, sel, weight, inv, table, grouped, fp8)
+        _run(lens, news, page, sel, weight, inv, table, grouped, fp8, layout, positions)
         after = _counts()
         grown = {k: (before[k], v) for k, v in after.items() if v != before[k]}
         assert not grown, f"batch {lens}/{news} compiled or autotuned after the warm-up: {grown}"

@@ -67,3 +67,20 @@ def test_max_decode_query_len_without_vllms_helper(monkeypatch, k, parallel, wan
 
     monkeypatch.delattr(backend, "max_decode_query_len")
     assert compat.max_decode_query_len(_config(k, parallel)) == want
+
+
+def test_row_span_of_one_run_of_seer_rows():
+    """Requests 1-3 are adjacent: their rows are one run, read and written in place on CUDA."""
+    (plan, _), qsl = _plan(1)
+    assert plan is not None
+    assert plan.row_span == (qsl[1], qsl[4])
+    assert plan.token_rows.tolist() == list(range(*plan.row_span))
+
+
+def test_no_row_span_when_a_dense_request_sits_between():
+    # a prompt, a decode, a prompt: the Seer rows are two runs (gathered and scattered back)
+    qsl, lens = [0, 300, 301, 801], [300, 900, 500]
+    plan, dense = plan_sparse(qsl, lens, torch.zeros(3, 16, dtype=torch.int32), 128, 64, 2, True)
+    assert plan is not None and dense == [1]
+    assert plan.row_span is None
+    assert plan.token_rows.tolist() == [*range(0, 300), *range(301, 801)]

@@ -14,6 +14,7 @@ vLLM's own backends; dense is exact, and those few query rows cost little either
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -49,6 +50,9 @@ class SparsePlan:
         block_table: ``[R, max_pages]`` int32.
         query_lens / context_lens: host lists.
         possible: per request, causal blocks a dense computation would touch (all local q heads).
+        row_span: ``(start, end)`` when ``token_rows`` is exactly ``start .. end - 1`` (the usual
+            case: vLLM puts decodes first, so the prefills are one run of rows); the CUDA path then
+            reads the query and writes the output in place through views (no gather, no copy).
     """
 
     req_ids: list[int]
@@ -59,6 +63,7 @@ class SparsePlan:
     query_lens: list[int]
     context_lens: list[int]
     possible: list[int]
+    row_span: tuple[int, int] | None = None
 
 
 def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
@@ -95,6 +100,9 @@ def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: to
         qb0, qb1 = c // block_size, (c + n - 1) // block_size
         possible.append(num_heads * sum(qb + 1 for qb in range(qb0, qb1 + 1)))
     cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    contiguous = all(query_start_loc[a + 1] == query_start_loc[b]
+                     for a, b in itertools.pairwise(sparse))
+    span = (query_start_loc[sparse[0]], query_start_loc[sparse[-1] + 1]) if contiguous else None
     plan = SparsePlan(
         req_ids=sparse,
         token_rows=_to_device(torch.cat(rows), dev),
@@ -104,6 +112,7 @@ def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: to
         query_lens=qlens,
         context_lens=ctx,
         possible=possible,
+        row_span=span,
     )
     return plan, dense
 
@@ -261,9 +270,14 @@ class SeerRuntime:
         # per layer, 3 MiB for Llama-3.1-8B's 32 x 384 x 64)
         self.grouped_weights: dict[int, torch.Tensor] = {}
         self.block_rope: torch.Tensor | None = None
+        # and cos / sin at every position up to max_model_len for the pooling kernel's un-rotation
+        # (no per-element trigonometry): [max_model_len, 2, rotary_dim // 2] fp32, 4 * rotary_dim
+        # bytes per position (64 MiB at 128k positions and rotary_dim 128), shared by all layers
+        self.token_rope: torch.Tensor | None = None
         if device.type == "cuda":
             max_blocks = -(-int(model_config.max_model_len) // self.block_size)
             self.block_rope = block_rope_table(self.inv_freq, max_blocks, self.block_size)
+            self.token_rope = block_rope_table(self.inv_freq, int(model_config.max_model_len), 1)
             self.grouped_weights = {i: group_gate_weight(self.weights[i], num_kv_heads)
                                     for i in self.stage.layers}
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

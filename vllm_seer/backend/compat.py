@@ -6,7 +6,8 @@
 * host copies of per-request lengths in ``CommonAttentionMetadata`` (field names moved);
 * slicing a ``CommonAttentionMetadata`` to a subset of requests;
 * the widest query a decode row has under speculative decoding (the verification row);
-* per-layer KV cache views for each platform's layout, and the per-layer FP8 scales;
+* per-layer KV cache views for each platform's layout (and a synthetic cache in the CUDA layout
+  for the warm-up), and the per-layer FP8 scales;
 * this worker's tensor-parallel rank and pipeline stage, and the stage-to-layer mapping.
 """
 
@@ -210,6 +211,27 @@ def cuda_kv_views(kv_cache: torch.Tensor, head_size: int, fp8: torch.dtype | Non
                             f"{kv_cache.dtype}")
         k, v = k.view(fp8), v.view(fp8)
     return k, v
+
+
+def synthetic_kv_cache(backend: Any, num_pages: int, page: int, num_kv_heads: int,
+                       head_size: int, dtype: torch.dtype, device: torch.device | str,
+                       cache_dtype_str: str = "auto") -> torch.Tensor:
+    """A random cache tensor laid out exactly as vLLM's GPU model runner allocates a layer's cache
+    for ``backend`` (its ``get_kv_cache_shape`` as the logical shape, memory in its
+    ``get_kv_cache_stride_order``; read in 0.26's ``gpu_model_runner.py`` / ``gpu/attn_utils.py``),
+    so that the start-up warm-up compiles the kernels for the strides a request will bring.
+
+    ``dtype``: the element type (float8 for an FP8 cache: the uint8 storage vLLM keeps is read
+    as float8 by :func:`cuda_kv_views` anyway).
+    """
+    shape = tuple(backend.get_kv_cache_shape(num_pages, page, num_kv_heads, head_size,
+                                             cache_dtype_str))
+    try:
+        order = tuple(backend.get_kv_cache_stride_order())
+    except (AttributeError, NotImplementedError):
+        order = tuple(range(len(shape)))
+    physical = torch.randn(tuple(shape[i] for i in order), device=device).to(dtype)
+    return physical.permute(*[order.index(i) for i in range(len(order))])
 
 
 def device_type(vllm_config: Any) -> str:

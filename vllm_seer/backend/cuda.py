@@ -3,9 +3,10 @@
 Dense rows (decodes, short prefills, dense layers) stay on FlashAttention (FA3 on Hopper) through the
 inherited impl on their own sub-batch; Seer rows go through the Triton gate and block-sparse kernels
 (``vllm_seer.kernels.planning.seer_prefill``). Buffers are planned once per step in the builder; the
-per-layer path only launches kernels (no ``.item()``, no allocation besides the sub-batch gather when
-the dense rows are not a prefix of the batch). Full CUDA graphs are declared for pure decode batches
-only; mixed and prefill batches run eagerly between graph pieces.
+per-layer path only launches kernels (no ``.item()``; the Seer rows are read and written in place
+when they are one run of rows, as vLLM orders batches, else gathered and scattered back). Full CUDA
+graphs are declared for pure decode batches only; mixed and prefill batches run eagerly between
+graph pieces.
 
 FP8 KV cache (``--kv-cache-dtype fp8`` / ``fp8_e4m3``): the kernels read the uint8 cache as
 ``float8_e4m3fn`` with the layer's ``_k_scale`` / ``_v_scale`` device tensors (no host copy of a
@@ -107,9 +108,12 @@ class SeerCUDAImpl(FlashAttentionImpl):
 
     def _warm_up(self, dtype: torch.dtype, out_dtype: torch.dtype) -> None:
         """Compile and autotune every Seer kernel variant during vLLM's profiling run
-        (:func:`vllm_seer.kernels.planning.warm_up`: this model's heads, page size, dtype and
-        longest request), so no user request compiles or autotunes (otherwise ~25 s on an H100
-        for the first long request, and more at each new power of two of its key blocks)."""
+        (:func:`vllm_seer.kernels.planning.warm_up`: this model's heads, page size, dtype, longest
+        request and the cache layout vLLM allocates), so no user request compiles or autotunes
+        (otherwise ~25 s on an H100 for the first long request, and more at each new power of two
+        of its key blocks; with the warm-up on separate K/V caches instead of vLLM's packed K|V
+        rows, the first long request still compiled the pointer-load variant: 6.5 s on the H200
+        on 2026-12-04)."""
         if SeerCUDAImpl._warmed_up or torch.cuda.is_current_stream_capturing():
             return
         SeerCUDAImpl._warmed_up = True
@@ -120,12 +124,18 @@ class SeerCUDAImpl(FlashAttentionImpl):
         assert rt.block_rope is not None
         t0 = time.perf_counter()
         max_blocks = rt.block_rope.shape[0]
+        kv_dtype = self._fp8 or out_dtype
         for page in self._page_sizes:
+            def kv_views(pages: int, page: int = page) -> tuple[torch.Tensor, torch.Tensor]:
+                cache = compat.synthetic_kv_cache(SeerCUDABackend, pages, page, self.num_kv_heads,
+                                                  self.head_size, kv_dtype, rt.inv_freq.device)
+                return compat.cuda_kv_views(cache, self.head_size, self._fp8)
+
             warm_up(dtype, self.num_heads, self.num_kv_heads, self.head_size, page,
                     rt.weights[layer], rt.inv_freq, rt.config.selection, max_blocks,
                     rt.inv_freq.device, rt.block_size, WARMUP_TOKENS, rt.block_rope,
-                    rt.grouped_weights[layer], kv_dtype=self._fp8 or out_dtype,
-                    out_dtype=out_dtype)
+                    rt.grouped_weights[layer], kv_dtype=kv_dtype, out_dtype=out_dtype,
+                    kv_views=kv_views, rope_positions=rt.token_rope)
         torch.cuda.synchronize()
         SeerCUDAImpl.warmed_pages = tuple(self._page_sizes)
         logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic prefills on %s-token "
@@ -154,20 +164,25 @@ class SeerCUDAImpl(FlashAttentionImpl):
         from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
         timer = StepTimer.for_step(md.step, cuda_events=True)
-        q = take_rows(query, plan.token_rows)
+        span = plan.row_span
+        if span is not None:  # one run of rows: read and write in place (views, no copies)
+            q, out = query[span[0]:span[1]], output[span[0]:span[1]]
+        else:
+            q = take_rows(query, plan.token_rows)
+            out = torch.empty(q.shape, dtype=output.dtype, device=q.device)  # q may be float8
         scales = fp8_scales(layer, q, self._fp8)
-        out = torch.empty(q.shape, dtype=output.dtype, device=q.device)  # q may be float8
         t0 = timer.mark()  # CUDA events on the current stream: no host sync here
         seer_gate(q, k_cache, plan.block_table, plan.cu_seqlens_q, plan.seq_lens,
                   rt.weights[self._layer], rt.inv_freq, rt.config.selection, bufs,
                   rt.block_rope, rt.grouped_weights[self._layer], q_scale=scales["q_scale"],
-                  k_scale=scales["k_scale"])
+                  k_scale=scales["k_scale"], rope_positions=rt.token_rope)
         t1 = timer.mark()
         sparse_prefill_paged(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
                              plan.seq_lens, bufs.block_index, bufs.block_count, out, self.scale,
                              bufs.plan.block_size, bufs.split, **scales)
         t2 = timer.mark()
-        output.index_copy_(0, plan.token_rows, out)
+        if span is None:
+            output.index_copy_(0, plan.token_rows, out)
         computed = bufs.block_count.sum(dim=(1, 2)).to(torch.int64)
         rt.stats.add_layer(self._layer, computed.sum(), sum(plan.possible))
         timer.add_layer(computed, t0, t1, t2)
