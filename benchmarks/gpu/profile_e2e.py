@@ -1,6 +1,6 @@
 """Where a served long prefill spends its time: vLLM's own torch profiler around real requests.
 
-For each backend (``bench_e2e_ttft.py`` names: ``flash``, ``seer@0.1``, ...) one ``vllm serve`` of
+For each backend (``bench_e2e_ttft.py`` names: ``FLASH_ATTN``, ``seer@0.1``, ...) one ``vllm serve`` of
 the bench's model (dummy weights, compiled mode unless ``--eager``) with ``--profiler-config``
 (torch profiler, no stacks); ``/start_profile``, the first request after start-up (``--warmup-tokens``),
 a pause, one ``--length`` request, ``/stop_profile``. The worker's trace is then read here: GPU
@@ -12,7 +12,7 @@ them (what the GPU waited for). Writes ``--out`` (JSON) and prints a summary; th
 
 Run on the GPU host (``benchmarks/gpu/setup_host.sh`` sourced), e.g.::
 
-    python benchmarks/gpu/profile_e2e.py --backends flash,seer@0.1 --out $OUT/profile.json
+    python benchmarks/gpu/profile_e2e.py --backends FLASH_ATTN,seer@0.1 --out $OUT/profile.json
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _post_empty(srv: Any, path: str, timeout: float = 60.0) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backends", default="flash,seer@0.1")
+    ap.add_argument("--backends", default="FLASH_ATTN,seer@0.1")
     ap.add_argument("--length", type=int, default=130944)
     ap.add_argument("--warmup-tokens", type=int, default=20000)
     ap.add_argument("--eager", action="store_true")
