@@ -222,14 +222,20 @@ def synthetic_kv_cache(backend: Any, num_pages: int, page: int, num_kv_heads: in
     so that the start-up warm-up compiles the kernels for the strides a request will bring.
 
     ``dtype``: the element type (float8 for an FP8 cache: the uint8 storage vLLM keeps is read
-    as float8 by :func:`cuda_kv_views` anyway).
+    as float8 by :func:`cuda_kv_views` anyway). vLLM 0.32's backend classes no longer have
+    ``get_kv_cache_shape`` (the layout moved to ``KVCacheLayout``); there the packed NHD layout of
+    0.26 is assumed (logical ``[pages, Hkv, page, 2D]``, memory ``[pages, page, Hkv, 2D]``; not
+    verified on a 0.32+ GPU: a different real layout would make the first long request compile).
     """
-    shape = tuple(backend.get_kv_cache_shape(num_pages, page, num_kv_heads, head_size,
-                                             cache_dtype_str))
-    try:
-        order = tuple(backend.get_kv_cache_stride_order())
-    except (AttributeError, NotImplementedError):
-        order = tuple(range(len(shape)))
+    if hasattr(backend, "get_kv_cache_shape"):
+        shape = tuple(backend.get_kv_cache_shape(num_pages, page, num_kv_heads, head_size,
+                                                 cache_dtype_str))
+        try:
+            order = tuple(backend.get_kv_cache_stride_order())
+        except (AttributeError, NotImplementedError):
+            order = tuple(range(len(shape)))
+    else:
+        shape, order = (num_pages, num_kv_heads, page, 2 * head_size), (0, 2, 1, 3)
     physical = torch.randn(tuple(shape[i] for i in order), device=device).to(dtype)
     return physical.permute(*[order.index(i) for i in range(len(order))])
 
