@@ -8,6 +8,8 @@ became Hopper ``wgmma`` can be checked before spending GPU time. Example::
 
 Prints one line per autotune config of the sparse prefill kernel and K/V dtype (``fp8``: float8
 e4m3 K/V, bf16 query; ``fp8q``: float8 query too, as vLLM's FlashAttention FP8 path hands it).
+``--select`` adds the gate's selection kernel (top-k and threshold) at each row width up to
+``--max-blocks`` key blocks, with the warps ``block_select`` launches it with.
 """
 
 from __future__ import annotations
@@ -90,6 +92,31 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
     return res
 
 
+def compile_select(arch: int, block_k: int, topk: bool) -> dict:
+    """Compile the gate's ``_select_kernel`` for ``sm_<arch>`` at row width ``block_k`` (a power
+    of two) with the warps :func:`~vllm_seer.kernels.block_select.triton.block_select` uses."""
+    from vllm_seer.kernels.block_select import triton as bsel
+
+    fn = bsel._select_kernel
+    pointers = {"s_ptr": "*fp32", "topk_ptr": "*i32", "idx_ptr": "*i32", "cnt_ptr": "*i32",
+                "cu_ptr": "*i32", "lens_ptr": "*i32"}
+    const = dict(HQ=32, BLOCK=64, BLOCK_K=block_k, TOPK=topk, LAST_DENSE=True)
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in pointers:
+            sig[n], attrs[(i,)] = pointers[n], [["tt.divisibility", 16]]
+        elif n in const:
+            sig[n] = "constexpr"
+        else:
+            sig[n] = "fp32" if n == "threshold" else "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": max(1, block_k // 2048), "num_stages": 1})
+    res = _resources(k.asm["cubin"])
+    res["smem_dyn"] = k.metadata.shared
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -97,8 +124,21 @@ def main() -> None:
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--kv", default="bf16", help="comma list of bf16 / fp8 / fp8q")
     ap.add_argument("--tma", action="store_true", help="the tensor-descriptor (TMA) K/V loads")
+    ap.add_argument("--select", action="store_true", help="also the gate's selection kernel")
+    ap.add_argument("--max-blocks", type=int, default=2048,
+                    help="widest selection row (key blocks; 2048 = 128k tokens)")
     args = ap.parse_args()
     from vllm_seer.kernels.sparse_prefill import triton as sp
+
+    if args.select:
+        width = 64
+        while width <= triton.next_power_of_2(args.max_blocks):
+            for topk in (True, False):
+                r = compile_select(args.arch, width, topk)
+                print(f"sm_{args.arch} select width={width} {'topk' if topk else 'threshold'} "
+                      f"warps={max(1, width // 2048)}: regs {r['REG']} stack {r['STACK']} "
+                      f"smem {r['smem_dyn']}", flush=True)
+            width *= 2
 
     for kv in args.kv.split(","):
         for cfg in sp._sparse_prefill_kernel.configs:

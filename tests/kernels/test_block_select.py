@@ -137,6 +137,54 @@ def test_block_select_topk_ties_take_lowest_blocks(neg: bool, impl: str) -> None
 
 
 
+@pytest.mark.parametrize("levels", [3, 6, 12])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_block_select_topk_tie_levels_exact(levels: int, impl: str) -> None:
+    """Scores on a few integer levels, so each row's k-th score is sometimes tied and sometimes the
+    last of a level that ends exactly at rank k (where the kernel's radix passes stop early): the
+    masks equal a stable top-k (highest score first, ties to the lowest block index) element for
+    element, plus the forced diagonal."""
+    from vllm_seer.kernels.block_select import block_select as triton_select
+
+    block_select = triton_select if impl == "triton" else block_select_ref
+    lens, n_new, hq, hkv, d = [1900, 700], [1900, 300], 2, 1, 64
+    q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
+    gen = torch.Generator().manual_seed(levels)
+    weight.zero_()
+    weight[:, 0, 0] = 1.0  # score = q[0] * k_max[0] / sqrt(G): no RoPE (inv_freq 0), no mixing
+    inv = torch.zeros_like(inv)
+    level = torch.randint(0, levels, k_pooled.shape[:3], generator=gen).float()
+    k_pooled.zero_()
+    k_pooled[..., 0] = level.to(DEVICE)
+    q_pooled.zero_()
+    q_pooled[..., 0] = torch.randint(1, 4, q_pooled.shape[:3], generator=gen).float().to(DEVICE)
+    sel = Selection("nz_ratio", 0.0, 0.3, False)
+    index = torch.full((len(lens), hq, mqb, mkb), -7, dtype=torch.int32, device=DEVICE)
+    count = torch.full((len(lens), hq, mqb), -7, dtype=torch.int32, device=DEVICE)
+    block_select(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count)
+    got = _as_masks(index, count, mkb).cpu()
+    exact_ends = ties = 0
+    for b, (L, n) in enumerate(zip(lens, n_new, strict=True)):
+        nkb = -(-L // 64)
+        k = max(1, int((1.0 - math.sqrt(1.0 - 0.3)) * nkb))
+        qb0 = (L - n) // 64
+        for h in range(hq):
+            for j in range((L - 1) // 64 - qb0 + 1):
+                qb = qb0 + j
+                s = level[b, : qb + 1, 0] * float(q_pooled[b, j, h, 0])
+                # stable descending sort: equal scores keep ascending block order
+                order = torch.sort(-s, stable=True).indices[:k]
+                want = torch.zeros(mkb, dtype=torch.bool)
+                want[order] = True
+                want[qb] = True
+                assert torch.equal(got[b, h, j], want), (b, h, j)
+                if qb + 1 > k:
+                    kth = s.sort(descending=True).values[k - 1]
+                    exact_ends += int((s >= kth).sum() == k)
+                    ties += int((s >= kth).sum() > k)
+    assert exact_ends > 0 and ties > 0, "both the early stop and the tie rule must be exercised"
+
+
 @pytest.mark.parametrize("scale", [60.0, 400.0])
 def test_block_select_topk_large_scores_keep_k_causal_blocks(scale: float) -> None:
     """Large-magnitude pooled queries: the softmax of most rows underflows to one-hot. Ranking the
