@@ -93,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default=None,
                     help=f"comma-separated, any of {','.join(ALL_GPU_BACKENDS)} or default (no flag); "
-                    "default FLASH_ATTN,seer@0.1,seer@0.05 (dry run: default,seer@0.3)")
+                    "default FLASH_ATTN,seer@0.1,seer@0.05 (dry run: default,seer@0.3); a suffix "
+                    "/pN serves that one with --block-size N (e.g. FLASH_ATTN/p64,seer@0.1/p16: "
+                    "decode ITL on the other backend's page size)")
     ap.add_argument("--eager", action="store_true",
                     help="serve with --enforce-eager (default: vLLM's torch.compile + CUDA graphs)")
     ap.add_argument("--serve-args", default="",

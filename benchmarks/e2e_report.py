@@ -13,8 +13,22 @@ from typing import Any
 from e2e_model import ARCH_DESCRIPTIONS
 
 
+def page_variant(spec: str) -> tuple[str, int | None]:
+    """A backend spec with an optional KV page size: ``"FLASH_ATTN/p64"`` → ``("FLASH_ATTN", 64)``
+    (served with ``--block-size 64``; a run of its own in the tables, so the page sizes of the
+    two backends can be swapped in one invocation), ``"seer@0.1"`` → ``("seer@0.1", None)``."""
+    base, sep, page = spec.partition("/p")
+    if not sep:
+        return spec, None
+    if not page.isdigit() or int(page) <= 0 or int(page) % 16:
+        raise ValueError(f"{spec}: the page size after /p must be a positive multiple of 16")
+    return base, int(page)
+
+
 def parse_backend(spec: str) -> tuple[str, float | None]:
-    """``"seer@0.1"`` → ``("seer", 0.1)``; ``"FLASH_ATTN"`` → ``("FLASH_ATTN", None)``."""
+    """``"seer@0.1"`` → ``("seer", 0.1)``; ``"FLASH_ATTN"`` → ``("FLASH_ATTN", None)``; a page
+    suffix (:func:`page_variant`) is ignored here."""
+    spec = page_variant(spec)[0]
     if spec.lower().startswith("seer@"):
         density = float(spec.split("@", 1)[1])
         if not 0 < density <= 1:

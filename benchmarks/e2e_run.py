@@ -22,7 +22,7 @@ from typing import Any
 from e2e_client import SEER_SERIES, VLLM_SERIES, delta, itl_stats, scrape, stream_completion
 from e2e_load import batch_jobs, burst_jobs, mixed_jobs, run_jobs, summarize
 from e2e_model import SCHEMA, model_config, regular_token_range
-from e2e_report import length_label, parse_backend
+from e2e_report import length_label, page_variant, parse_backend
 
 FLUSH_WAIT_S = 1.2  # Seer workers publish metrics at most once a second on CUDA (next engine step)
 
@@ -63,6 +63,9 @@ def server_args(args: argparse.Namespace, backend: str) -> tuple[dict[str, Any] 
     if args.speculative_config:  # decode ITL with speculation (issue 12, part 5)
         flags += ["--speculative-config", args.speculative_config]
     flags += shlex.split(args.serve_args)  # e.g. the layouts of benchmarks/gpu/parallel_check.py
+    page = page_variant(backend)[1]
+    if page is not None:  # FLASH_ATTN/p64, seer@0.1/p16: the decode ITL page-size control
+        flags += ["--block-size", str(page)]
     if name == "seer":
         seer = {"gates": str(args.model_dir / "gates"), "sparsity_method": "nz_ratio",
                 "nz_ratio": density, **json.loads(args.seer_extra)}

@@ -133,6 +133,11 @@ def test_parse_args_defaults_compiled_and_the_eager_option() -> None:
     _, flags = e2e_run.server_args(bench_e2e_ttft.parse_args(["--speculative-config", spec]),
                                    "seer@0.1")
     assert flags[flags.index("--speculative-config") + 1] == spec
+    _, flags = e2e_run.server_args(a, "FLASH_ATTN/p64")
+    assert flags[-4:] == ["--block-size", "64", "--attention-backend", "FLASH_ATTN"]
+    cfg, flags = e2e_run.server_args(a, "seer@0.1/p16")
+    assert flags[-2:] == ["--block-size", "16"] and cfg["seer"]["nz_ratio"] == 0.1
+    assert "--block-size" not in e2e_run.server_args(a, "seer@0.1")[1]
     d = bench_e2e_ttft.parse_args(["--dry-run"])
     assert d.lengths == [512, 1024] and d.batch_length + d.max_tokens <= d.max_model_len
 

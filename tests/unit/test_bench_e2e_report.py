@@ -74,6 +74,12 @@ def test_parse_backend_and_labels() -> None:
     assert e2e_report.parse_backend("FLASH_ATTN") == ("FLASH_ATTN", None)
     with pytest.raises(ValueError):
         e2e_report.parse_backend("seer@1.5")
+    assert e2e_report.parse_backend("seer@0.1/p16") == ("seer", 0.1)
+    assert e2e_report.page_variant("FLASH_ATTN/p64") == ("FLASH_ATTN", 64)
+    assert e2e_report.page_variant("FLASH_ATTN") == ("FLASH_ATTN", None)
+    for bad in ("FLASH_ATTN/p", "FLASH_ATTN/p24", "seer@0.1/pxx"):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            e2e_report.page_variant(bad)
     assert [e2e_report.length_label(n) for n in (512, 8192, 32768, 130944)] == ["512", "8k", "32k", "128k"]
     make_prompt = bench_e2e_ttft.make_prompt
     a, b = make_prompt("seer@0.1", 100, 0, 0, 50), make_prompt("seer@0.1", 100, 1, 0, 50)
