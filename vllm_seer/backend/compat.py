@@ -115,15 +115,36 @@ def max_decode_query_len(vllm_config: Any) -> int:
     return 1 + per_draft * int(spec.num_speculative_tokens)
 
 
+# host copies of ``seq_lens`` a ``CommonAttentionMetadata`` may carry as dataclass fields, exact ones
+# first: ``seq_lens_cpu`` (a field before 0.26), ``_seq_lens_cpu`` (0.26's model runner V1 sets it;
+# its public ``seq_lens_cpu`` is then a *property* that copies ``seq_lens`` to the host when the
+# field is unset, a device sync), ``seq_lens_cpu_upper_bound`` (0.26's model runner V2, 0.32+)
+HOST_SEQ_LENS_FIELDS = ("seq_lens_cpu", "_seq_lens_cpu", "seq_lens_cpu_upper_bound")
+# host fields sliced with the requests by :func:`subset_common_metadata`
+HOST_REQ_FIELDS = (*HOST_SEQ_LENS_FIELDS, "_num_computed_tokens_cpu")
+
+
 def host_seq_lens(cm: Any) -> torch.Tensor:
-    """``[B]`` host tensor of ``seq_lens`` (context + new) for a ``CommonAttentionMetadata``."""
+    """``[B]`` host tensor of ``seq_lens`` (context + new) for a ``CommonAttentionMetadata``,
+    read from the fields vLLM filled in, never by copying the device tensor back (on vLLM 0.26's
+    model runner V2 its ``seq_lens_cpu`` property does that: a host sync on every step, which
+    stalls the scheduling of the next decode step behind the GPU).
+
+    ``seq_lens_cpu_upper_bound`` is exact for prefill rows and optimistic only for decode rows
+    under asynchronous speculative decoding (every draft assumed accepted); the routing reads the
+    length of prefill rows only (a row of at most the decode query length is dense whatever its
+    length), and an over-estimate of the dense sub-batch's ``max_seq_len`` is safe.
+    """
     if cm.seq_lens.device.type == "cpu":
         return cm.seq_lens
-    for name in ("seq_lens_cpu", "seq_lens_cpu_upper_bound"):
-        value = getattr(cm, name, None)
+    fields = {f.name for f in dataclasses.fields(cm)}
+    for name in HOST_SEQ_LENS_FIELDS:
+        value = getattr(cm, name) if name in fields else None
         if value is not None:
             return value
-    raise RuntimeError("Seer backend: this vLLM gives no host copy of seq_lens")
+    raise RuntimeError("Seer backend: this vLLM's CommonAttentionMetadata has none of the host "
+                       f"copies of seq_lens {HOST_SEQ_LENS_FIELDS} set (a device read-back would "
+                       "synchronise every step)")
 
 
 def subset_common_metadata(cm: Any, req_ids: list[int], rows: torch.Tensor,
@@ -152,10 +173,10 @@ def subset_common_metadata(cm: Any, req_ids: list[int], rows: torch.Tensor,
         "slot_mapping": cm.slot_mapping[rows_dev],
     }
     fields = {f.name for f in dataclasses.fields(cm)}
-    for name in ("seq_lens_cpu", "seq_lens_cpu_upper_bound", "is_prefilling",
-                 "dcp_local_seq_lens", "dcp_local_seq_lens_cpu_upper_bound"):
-        value = getattr(cm, name, None)
-        if name in fields and isinstance(value, torch.Tensor):
+    for name in (*HOST_REQ_FIELDS, "is_prefilling", "dcp_local_seq_lens",
+                 "dcp_local_seq_lens_cpu_upper_bound"):
+        value = getattr(cm, name) if name in fields else None  # fields only: no sync property
+        if isinstance(value, torch.Tensor):
             changes[name] = value[idx.to(value.device)]
     if "positions" in fields and isinstance(cm.positions, torch.Tensor):
         changes["positions"] = cm.positions[rows.to(cm.positions.device)]
