@@ -114,8 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=None,
                     help="decode tokens per request, for the ITL (default 64; dry run 16)")
     ap.add_argument("--warmup-tokens", type=int, default=None,
-                    help="warm-up prompt (default 20000: longer than the Seer path's 16384-token "
-                         "CUDA default, so every kernel has run before timing)")
+                    help="warm-up prompt (default 20000: longer than the Seer path's CUDA default "
+                         "min_prefill_tokens and than one 8192-token chunk, so every kernel, split "
+                         "and unsplit, has run before timing)")
     ap.add_argument("--batch-streams", type=int, default=32, help="batch phase: streams")
     ap.add_argument("--batch-length", type=int, default=None,
                     help="batch phase: context per stream (default 32768; dry run 512)")

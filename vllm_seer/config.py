@@ -19,11 +19,14 @@ from vllm_seer.gate import SPARSITY_METHODS, Selection
 logger = logging.getLogger(__name__)
 
 ADDITIONAL_CONFIG_KEY = "seer"
-# default of ``min_prefill_tokens`` per device type. On CUDA, measured on an H100 (vLLM 0.26,
-# Llama-3.1-8B shapes, benchmarks/results/e2e-ttft-h100.md): an 8k prefill is ~0.88x as fast on the
-# Seer path as on FlashAttention 3 (gate and launch overhead exceed the saving), a 32k one 1.25x as
-# fast, so steps whose context is under 16k tokens stay on FlashAttention
-DEFAULT_MIN_PREFILL_TOKENS = {"cpu": 2048, "cuda": 16384}
+# default of ``min_prefill_tokens`` per device type. On CUDA, the crossover measured on the H200 in
+# vLLM's default compiled mode (2026-12-06, vLLM 0.26, Llama-3.1-8B shapes, nz_ratio 0.1, every
+# prompt forced through the Seer path; benchmarks/results/e2e-ttft-h200-c.md, "Short-prompt
+# sweep"): TTFT 0.77x FlashAttention 3 at 1k, 0.97x at 2k, 1.08x at 4k and 8k, 1.23x at 16k, so
+# steps whose context is under 4096 tokens stay on FlashAttention (an H100 in eager mode with the
+# kernels of 2026-11-22 had put it at 16k). Only nz_ratio 0.1 was swept: a denser setting may
+# cross over later (set ``min_prefill_tokens`` then)
+DEFAULT_MIN_PREFILL_TOKENS = {"cpu": 2048, "cuda": 4096}
 
 # key -> (checkpoint config.json field or None, documentation)
 KEYS: dict[str, tuple[str | None, str]] = {
@@ -33,7 +36,7 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "nz_ratio": ("seerattn_nz_ratio", "target density of the causal block triangle, (0, 1]"),
     "last_block_dense": ("seerattn_last_block_dense", "last two query-block rows of a step dense"),
     "min_prefill_tokens": (None, "prefills whose context is shorter stay on the dense path (>= 0; "
-                                 "default 2048 on CPU, 16384 on CUDA)"),
+                                 "default 2048 on CPU, 4096 on CUDA)"),
     "dense_layers": (None, "list of layer indices that always stay dense"),
 }
 

@@ -157,12 +157,12 @@ def test_hub_id_offline_is_clear(monkeypatch, tmp_path):
 
 
 def test_min_prefill_tokens_default_per_device(gates) -> None:
-    """Not given: 2048 on CPU, 16384 on CUDA (the measured crossover); given: kept on both."""
+    """Not given: 2048 on CPU, 4096 on CUDA (the measured crossover); given: kept on both."""
     folder = gates
     cfg = SeerConfig.from_dict({"gates": str(folder)})
     assert cfg.min_prefill_tokens is None
     assert cfg.for_device("cpu").min_prefill_tokens == 2048
-    assert cfg.for_device("cuda").min_prefill_tokens == 16384
-    assert cfg.for_device("cuda").describe()["min_prefill_tokens"] == "16384"
+    assert cfg.for_device("cuda").min_prefill_tokens == 4096
+    assert cfg.for_device("cuda").describe()["min_prefill_tokens"] == "4096"
     mine = SeerConfig.from_dict({"gates": str(folder), "min_prefill_tokens": 100})
     assert mine.for_device("cuda").min_prefill_tokens == 100
