@@ -66,14 +66,6 @@ class SparsePlan:
     row_span: tuple[int, int] | None = None
 
 
-def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """Host tensor -> ``dev`` without a host sync on CUDA (pinned staging, asynchronous copy;
-    pinned buffers come from PyTorch's caching host allocator)."""
-    if dev.type != "cuda":
-        return t.to(dev)
-    return t.pin_memory().to(dev, non_blocking=True)
-
-
 def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor,
                 min_prefill_tokens: int, block_size: int, num_heads: int,
                 causal: bool, decode_max_query_len: int = 1) -> tuple[SparsePlan | None, list[int]]:
@@ -105,10 +97,10 @@ def plan_sparse(query_start_loc: list[int], seq_lens: list[int], block_table: to
     span = (query_start_loc[sparse[0]], query_start_loc[sparse[-1] + 1]) if contiguous else None
     plan = SparsePlan(
         req_ids=sparse,
-        token_rows=_to_device(torch.cat(rows), dev),
-        cu_seqlens_q=_to_device(cu, dev),
-        seq_lens=_to_device(torch.tensor([seq_lens[i] for i in sparse], dtype=torch.int32), dev),
-        block_table=block_table[_to_device(torch.tensor(sparse), dev)],
+        token_rows=compat.to_device(torch.cat(rows), dev),
+        cu_seqlens_q=compat.to_device(cu, dev),
+        seq_lens=compat.to_device(torch.tensor([seq_lens[i] for i in sparse], dtype=torch.int32), dev),
+        block_table=block_table[compat.to_device(torch.tensor(sparse), dev)],
         query_lens=qlens,
         context_lens=ctx,
         possible=possible,
@@ -170,7 +162,7 @@ def build_step(inherited_build: Callable[[int, Any, bool], Any], common_prefix_l
         rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense])
         sub = compat.subset_common_metadata(cm, dense, rows, seq_host)
         md.dense = inherited_build(0, sub, fast_build)
-        md.dense_rows = rows.to(rows_device)
+        md.dense_rows = compat.to_device(rows, rows_device)
         md.dense_prefix = int(rows[-1]) == rows.numel() - 1
     return md
 

@@ -115,6 +115,17 @@ def max_decode_query_len(vllm_config: Any) -> int:
     return 1 + per_draft * int(spec.num_speculative_tokens)
 
 
+def to_device(t: torch.Tensor, dev: torch.device | str) -> torch.Tensor:
+    """Host tensor -> ``dev`` without stalling the host on CUDA: a plain ``.to(cuda)`` of pageable
+    memory waits for the stream to drain (everything queued before it); this stages ``t`` in
+    pinned memory (PyTorch's caching host allocator, which keeps the buffer until the copy has
+    run) and copies asynchronously in stream order."""
+    dev = torch.device(dev)
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 # host copies of ``seq_lens`` a ``CommonAttentionMetadata`` may carry as dataclass fields, exact ones
 # first: ``seq_lens_cpu`` (a field before 0.26), ``_seq_lens_cpu`` (0.26's model runner V1 sets it;
 # its public ``seq_lens_cpu`` is then a *property* that copies ``seq_lens`` to the host when the
@@ -159,10 +170,10 @@ def subset_common_metadata(cm: Any, req_ids: list[int], rows: torch.Tensor,
     new_qsl_cpu[1:] = qlens.cumsum(0)
     dev = cm.query_start_loc.device
     idx = torch.tensor(req_ids, dtype=torch.long)
-    idx_dev = idx.to(cm.seq_lens.device)
-    rows_dev = rows.to(cm.slot_mapping.device)
+    idx_dev = to_device(idx, cm.seq_lens.device)
+    rows_dev = to_device(rows, cm.slot_mapping.device)
     changes: dict[str, Any] = {
-        "query_start_loc": new_qsl_cpu.to(dev),
+        "query_start_loc": to_device(new_qsl_cpu, dev),
         "query_start_loc_cpu": new_qsl_cpu,
         "seq_lens": cm.seq_lens[idx_dev],
         "num_reqs": len(req_ids),
@@ -176,10 +187,10 @@ def subset_common_metadata(cm: Any, req_ids: list[int], rows: torch.Tensor,
     for name in (*HOST_REQ_FIELDS, "is_prefilling", "dcp_local_seq_lens",
                  "dcp_local_seq_lens_cpu_upper_bound"):
         value = getattr(cm, name) if name in fields else None  # fields only: no sync property
-        if isinstance(value, torch.Tensor):
-            changes[name] = value[idx.to(value.device)]
+        if isinstance(value, torch.Tensor):  # host fields index with idx, device ones with a copy
+            changes[name] = value[idx if value.device.type == "cpu" else to_device(idx, value.device)]
     if "positions" in fields and isinstance(cm.positions, torch.Tensor):
-        changes["positions"] = cm.positions[rows.to(cm.positions.device)]
+        changes["positions"] = cm.positions[to_device(rows, cm.positions.device)]
     for name in ("_num_computed_tokens_cache", "_token_to_req_indices_cache",
                  "logits_indices_padded", "num_logits_indices", "max_logits_per_req", "req_idx",
                  "mm_req_doc_ranges", "rswa_prefix_lens", "replayssm_decode_base_cpu"):
