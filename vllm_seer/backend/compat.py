@@ -187,8 +187,8 @@ def subset_common_metadata(cm: Any, req_ids: list[int], rows: torch.Tensor,
     for name in (*HOST_REQ_FIELDS, "is_prefilling", "dcp_local_seq_lens",
                  "dcp_local_seq_lens_cpu_upper_bound"):
         value = getattr(cm, name) if name in fields else None  # fields only: no sync property
-        if isinstance(value, torch.Tensor):  # host fields index with idx, device ones with a copy
-            changes[name] = value[idx if value.device.type == "cpu" else to_device(idx, value.device)]
+        if isinstance(value, torch.Tensor):
+            changes[name] = value[to_device(idx, value.device)]
     if "positions" in fields and isinstance(cm.positions, torch.Tensor):
         changes["positions"] = cm.positions[to_device(rows, cm.positions.device)]
     for name in ("_num_computed_tokens_cache", "_token_to_req_indices_cache",
