@@ -291,6 +291,21 @@ def _overlap_stats(fine: torch.Tensor, hkv: int, density: float) -> dict[str, fl
             "union": grp / (hq * nqb * (nqb + 1) / 2)}
 
 
+def autotuned() -> dict[str, dict[str, str]]:
+    """What the autotuners of the gate and attention kernels picked in this process, per key."""
+    from vllm_seer.kernels.block_select import triton as bsel
+    from vllm_seer.kernels.paged_pool import triton as pool
+    from vllm_seer.kernels.sparse_prefill import triton as sp
+
+    out = {}
+    for name, fn in (("scores", bsel._scores_kernel), ("select", bsel._select_kernel),
+                     ("pool_qk", pool._pool_qk_kernel), ("sparse_prefill", sp._sparse_prefill_kernel)):
+        while not hasattr(fn, "cache") and hasattr(fn, "fn"):  # under heuristics wrappers
+            fn = fn.fn
+        out[name] = {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
+    return out
+
+
 def profile_gate(model: str, L: int) -> None:
     """Gate breakdown + a torch.profiler kernel table for one call of ``block_select``."""
     hq, hkv, d, theta = MODELS[model]
@@ -312,6 +327,7 @@ def profile_gate(model: str, L: int) -> None:
             parts["gate"]()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+    print("autotuned:", json.dumps(autotuned(), indent=1))
 
 
 def profile_chunk(model: str, L: int, chunk: int, vkernels, density: float = 0.1) -> dict:
@@ -505,7 +521,8 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(text)
         summary = {"device": torch.cuda.get_device_name(), "date": str(datetime.date.today()),
-                   "versions": versions, "pages": pages, "complete": done, "rows": rows}
+                   "versions": versions, "pages": pages, "complete": done, "rows": rows,
+                   "autotuned": autotuned()}
         summarize(summary, kinds)
         with open(args.json or args.out.rsplit(".", 1)[0] + ".json", "w") as f:
             json.dump(summary, f, indent=1)

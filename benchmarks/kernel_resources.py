@@ -9,7 +9,8 @@ became Hopper ``wgmma`` can be checked before spending GPU time. Example::
 Prints one line per autotune config of the sparse prefill kernel and K/V dtype (``fp8``: float8
 e4m3 K/V, bf16 query; ``fp8q``: float8 query too, as vLLM's FlashAttention FP8 path hands it).
 ``--select`` adds the gate's selection kernel (top-k and threshold) at each row width up to
-``--max-blocks`` key blocks, with the warps ``block_select`` launches it with.
+``--max-blocks`` key blocks, once per autotune config; ``--scores`` the gate's scores kernel per
+autotune config.
 """
 
 from __future__ import annotations
@@ -92,15 +93,15 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
     return res
 
 
-def compile_select(arch: int, block_k: int, topk: bool) -> dict:
+def compile_select(arch: int, block_k: int, topk: bool, config: triton.Config) -> dict:
     """Compile the gate's ``_select_kernel`` for ``sm_<arch>`` at row width ``block_k`` (a power
-    of two) with the warps :func:`~vllm_seer.kernels.block_select.triton.block_select` uses."""
+    of two) with one of its autotune configs."""
     from vllm_seer.kernels.block_select import triton as bsel
 
-    fn = bsel._select_kernel
+    fn = bsel._select_kernel.fn
     pointers = {"s_ptr": "*fp32", "topk_ptr": "*i32", "idx_ptr": "*i32", "cnt_ptr": "*i32",
                 "cu_ptr": "*i32", "lens_ptr": "*i32"}
-    const = dict(HQ=32, BLOCK=64, BLOCK_K=block_k, TOPK=topk, LAST_DENSE=True)
+    const = dict(HQ=32, BLOCK=64, BLOCK_K=block_k, TOPK=topk, LAST_DENSE=True, **config.kwargs)
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         if n in pointers:
@@ -111,9 +112,35 @@ def compile_select(arch: int, block_k: int, topk: bool) -> dict:
             sig[n] = "fp32" if n == "threshold" else "i32"
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": max(1, block_k // 2048), "num_stages": 1})
+                       options={"num_warps": config.num_warps, "num_stages": 1})
     res = _resources(k.asm["cubin"])
     res["smem_dyn"] = k.metadata.shared
+    return res
+
+
+def compile_scores(arch: int, group: int, g: int, config: triton.Config) -> dict:
+    """Compile the gate's ``_scores_kernel`` (tf32x3) for ``sm_<arch>`` with one of its autotune
+    configs (``group`` query heads per KV head, gate hidden size ``g``)."""
+    from vllm_seer.kernels.block_select import triton as bsel
+
+    fn = bsel._scores_kernel.fn
+    pointers = {"q_ptr": "*fp32", "k_ptr": "*fp32", "s_ptr": "*fp32", "cs_ptr": "*fp32",
+                "cu_ptr": "*i32", "lens_ptr": "*i32"}
+    const = dict(HQ=32, GROUP=group, G=g, BLOCK=64, PRECISION="tf32x3", **config.kwargs)
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in pointers:
+            sig[n], attrs[(i,)] = pointers[n], [["tt.divisibility", 16]]
+        elif n in const:
+            sig[n] = "constexpr"
+        else:
+            sig[n] = "fp32" if n == "scale" else "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    res = _resources(k.asm["cubin"])
+    res["smem_dyn"] = k.metadata.shared
+    res["wgmma"] = k.asm["ptx"].count("wgmma.mma_async")
     return res
 
 
@@ -125,20 +152,31 @@ def main() -> None:
     ap.add_argument("--kv", default="bf16", help="comma list of bf16 / fp8 / fp8q")
     ap.add_argument("--tma", action="store_true", help="the tensor-descriptor (TMA) K/V loads")
     ap.add_argument("--select", action="store_true", help="also the gate's selection kernel")
+    ap.add_argument("--scores", action="store_true",
+                    help="also the gate's scores kernel (GQA group 4, gate hidden size 128)")
     ap.add_argument("--max-blocks", type=int, default=2048,
                     help="widest selection row (key blocks; 2048 = 128k tokens)")
     args = ap.parse_args()
+    from vllm_seer.kernels.block_select import triton as bsel
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
     if args.select:
         width = 64
         while width <= triton.next_power_of_2(args.max_blocks):
             for topk in (True, False):
-                r = compile_select(args.arch, width, topk)
-                print(f"sm_{args.arch} select width={width} {'topk' if topk else 'threshold'} "
-                      f"warps={max(1, width // 2048)}: regs {r['REG']} stack {r['STACK']} "
-                      f"smem {r['smem_dyn']}", flush=True)
+                for cfg in bsel._prune_select(bsel._select_configs(), {}, BLOCK_K=width):
+                    r = compile_select(args.arch, width, topk, cfg)
+                    print(f"sm_{args.arch} select width={width} "
+                          f"{'topk' if topk else 'threshold'} {cfg.kwargs} warps={cfg.num_warps}: "
+                          f"regs {r['REG']} stack {r['STACK']} smem {r['smem_dyn']}", flush=True)
             width *= 2
+
+    if args.scores:
+        for cfg in bsel._scores_configs():
+            r = compile_scores(args.arch, 4, 128, cfg)
+            print(f"sm_{args.arch} scores {cfg.kwargs} warps={cfg.num_warps} "
+                  f"stages={cfg.num_stages}: regs {r['REG']} stack {r['STACK']} "
+                  f"smem {r['smem_dyn']} wgmma {r['wgmma']}", flush=True)
 
     for kv in args.kv.split(","):
         for cfg in sp._sparse_prefill_kernel.configs:

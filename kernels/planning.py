@@ -156,6 +156,9 @@ def seer_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 k_scale=k_scale, v_scale=v_scale)
 
 
+SELECT_WARM_QBLOCKS = 128  # query blocks of vLLM's default 8192-token prefill chunk
+
+
 def select_widths(max_blocks: int) -> list[int]:
     """Key-block counts ``MKB`` whose selection kernels differ (its row width is the next power of
     two of ``MKB``): one per power of two up to that of ``max_blocks``."""
@@ -203,8 +206,10 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
     one = torch.ones(1, dtype=torch.float32, device=dev)
     q_scale = one if q_dtype == torch.float8_e4m3fn else None
     kv_scale = one if kv_dtype == torch.float8_e4m3fn else None
+    # longest first: the scores kernel is autotuned at its first call (one config for all shapes)
     for n in sorted({min(tokens, max_blocks * block_size), min(32 * block_size,
-                                                                 max_blocks * block_size)}):
+                                                                 max_blocks * block_size)},
+                    reverse=True):
         pages = -(-n // page_size)
         if kv_views is None:
             k_cache = torch.randn(pages, page_size, hkv, head_dim, device=dev).to(kv_dtype)
@@ -228,10 +233,14 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
                              1.0 / head_dim ** 0.5, block_size, bufs.split, q_scale=q_scale,
                              k_scale=kv_scale, v_scale=kv_scale)
     for mkb in select_widths(max_blocks):
+        # a chunk of up to SELECT_WARM_QBLOCKS query blocks at the end of an mkb-block context:
+        # the selection is autotuned per row width on as many rows as a long chunk gives
         n = mkb * block_size
-        cu = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        n_q = min(mkb, SELECT_WARM_QBLOCKS) * block_size
+        cu = torch.tensor([0, n_q], dtype=torch.int32, device=dev)
         lens = torch.tensor([n], dtype=torch.int32, device=dev)
-        bufs = SeerBuffers.allocate(plan_batch([0, 1], [n], block_size), hq, hkv, head_dim, dev)
+        bufs = SeerBuffers.allocate(plan_batch([0, n_q], [n], block_size), hq, hkv, head_dim,
+                                    dev)
         bufs.set_topk([n], sel)
         bufs.q_pooled.normal_()
         bufs.k_pooled.normal_()

@@ -12,11 +12,13 @@ Pipeline (no host sync, grids from tensor shapes):
    projected keys at their block starts in registers, with cos / sin read from a table made once
    at start-up (:func:`vllm_seer.gate.block_rope_table`, no trigonometry per call), then
    ``q_gate @ k_gate^T / sqrt(G)`` as two half-width dots over the causal key blocks only,
-   written to an fp32 workspace ``[B, Hq, MQB, MKB]`` (tf32x3 on GPU).
+   written to an fp32 workspace ``[B, Hq, MQB, MKB]`` (tf32x3 on GPU). Tile sizes, warps and
+   stages autotuned (at the backend's start-up warm-up).
 3. ``_select_kernel`` grid ``(MQB, B, Hq)``: one row in registers; softmax + threshold, or top-k by
    an exact radix select on the float bits (one bit per pass, at most 32 passes, stopping once
-   exactly ``k`` keys lie above the prefix), one warp per row so its reductions need no block
-   barrier (ties: lower block index first); diagonal,
+   exactly ``k`` keys lie above the prefix), 1, 2 or 4 warps per row autotuned per row width (one
+   warp reduces with shuffles alone, more warps hold fewer scores per thread; ties: lower block
+   index first, the tie-breaking scan optionally only in rows that did not stop early); diagonal,
    ``last_block_dense`` rows and causality; compaction as one permutation store (selected blocks
    ascending, then ``-1``) so every element of the row is written exactly once.
 """
@@ -35,6 +37,40 @@ from vllm_seer.gate import Selection, block_rope_table, group_gate_weight
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _select_configs() -> list[triton.Config]:
+    # one warp per row reduces with shuffles alone but holds up to 64 scores per thread (207-255
+    # registers at 2048 key blocks on sm_90: ~9 warps per SM); 2 / 4 warps trade a shared-memory
+    # reduction and a barrier per radix pass for 2-4x the occupancy. Measured per row width at
+    # start-up (warm_up runs every width), the bench reports the pick.
+    # TIE_BRANCH: break ties (a second prefix scan over the row) only in rows whose passes did not
+    # stop early, at the price of registers (255 + 8 B stack at one warp, 2048 blocks; 207
+    # without the branch)
+    if INTERPRET:
+        return [triton.Config({"TIE_BRANCH": True}, num_warps=1, num_stages=1)]
+    return [triton.Config({"TIE_BRANCH": tb}, num_warps=w, num_stages=1)
+            for w in (1, 2, 4) for tb in (False, True)]
+
+
+def _scores_configs() -> list[triton.Config]:
+    # (BM query blocks, BN key blocks) per tile, warps, stages. Compiled for sm_90 (triton 3.9,
+    # G = 128, tf32x3): the former fixed 64 x 64 / 4 warps / 1 stage spills (255 registers, 256 B
+    # stack); 64 x 32 (208-212 regs), 128 x 32 at 8 warps (184) and 64 x 16 (153) do not. A larger
+    # BM rotates each key tile once for more query rows (the key RoPE is redone per query tile).
+    if INTERPRET:
+        return [triton.Config({"BM": 16, "BN": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in ((64, 64, 4, 1), (64, 32, 4, 1), (64, 32, 4, 2), (64, 32, 8, 2),
+                                  (128, 32, 8, 2), (64, 16, 4, 2))]
+
+
+def _prune_select(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # at most 64 scores per thread (wider rows spill)
+    need = max(1, kwargs["BLOCK_K"] // 2048)
+    return [c for c in configs if c.num_warps >= need] or [
+        triton.Config({"TIE_BRANCH": True}, num_warps=min(need, 32), num_stages=1)]
+
+
+@triton.autotune(configs=_scores_configs(), key=["G", "GROUP", "BLOCK"])
 @triton.jit(do_not_specialize=["MQB", "MKB"])
 def _scores_kernel(
     q_ptr, k_ptr, s_ptr, cs_ptr, cu_ptr, lens_ptr,
@@ -89,12 +125,24 @@ def _scores_kernel(
                      mask=j_ok[:, None] & k_ok[None, :] & (offs_k[None, :] < MKB))
 
 
+@triton.jit
+def _break_ties(key, kth, k):
+    """The top ``k`` of ``key`` given the k-th largest value ``kth``: every key above it, then the
+    tied ones by ascending block index (the same set as ``key >= kth`` when exactly k are)."""
+    above = key > kth
+    tied = key == kth
+    room = k - tl.sum(above.to(tl.int32), 0)
+    return above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= room))
+
+
+@triton.autotune(configs=_select_configs(), key=["BLOCK_K", "TOPK"],
+                 prune_configs_by={"early_config_prune": _prune_select})
 @triton.jit(do_not_specialize=["MQB", "MKB"])
 def _select_kernel(
     s_ptr, topk_ptr, idx_ptr, cnt_ptr, cu_ptr, lens_ptr,
     threshold, MQB, MKB,
     HQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-    TOPK: tl.constexpr, LAST_DENSE: tl.constexpr,
+    TOPK: tl.constexpr, LAST_DENSE: tl.constexpr, TIE_BRANCH: tl.constexpr,
 ):
     # s: [B, HQ, MQB, MKB] fp32 scores  topk: [B] int32  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
     j = tl.program_id(0)
@@ -131,10 +179,15 @@ def _select_kernel(
             n_ge = tl.sum((key >= cand).to(tl.int32), 0)
             kth = tl.where(n_ge >= k, cand, kth)
             bit -= 1
-        above = key > kth
-        tied = key == kth
-        room = k - tl.sum(above.to(tl.int32), 0)
-        chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= room))
+        if TIE_BRANCH:
+            # a runtime branch (no ternary in Triton): stopped early, the k keys >= kth are the
+            # top k and there is no tie to break
+            if n_ge == k:  # noqa: SIM108
+                chosen = key >= kth
+            else:
+                chosen = _break_ties(key, kth, k)
+        else:
+            chosen = _break_ties(key, kth, k)
     else:
         m = tl.maximum(tl.max(s, 0), -1.0e30)  # finite even for an empty row
         e = tl.where(causal, tl.exp(s - m), 0.0)
@@ -215,13 +268,12 @@ def block_select(
     # 2. causal scores into the workspace (RoPE of both sides at block starts inside the kernel)
     if workspace is None:
         workspace = torch.empty(bsz * hq * mqb * mkb, dtype=torch.float32, device=dev)
-    bm, bn = (16, 64) if INTERPRET else (64, 64)
-    _scores_kernel[(triton.cdiv(mqb, bm), bsz, hq)](
+    _scores_kernel[lambda meta: (triton.cdiv(mqb, meta["BM"]), bsz, hq)](
         q_pooled, k_gate, workspace, rope_table, cu_seqlens_q, seq_lens,
         1.0 / math.sqrt(g), mqb, mkb,
         *q_pooled.stride()[:3], *k_gate.view(hkv, bsz, mkbp, group, g).stride()[:4],
-        HQ=hq, GROUP=group, G=g, BLOCK=block_size, BM=bm, BN=bn,
-        PRECISION="ieee" if INTERPRET else "tf32x3", num_warps=4,
+        HQ=hq, GROUP=group, G=g, BLOCK=block_size,
+        PRECISION="ieee" if INTERPRET else "tf32x3",
     )
     # 3. per-row selection
     use_topk = sel.method == "nz_ratio"
@@ -235,6 +287,5 @@ def block_select(
         workspace, k_per_req, block_index, block_count, cu_seqlens_q, seq_lens,
         float(sel.threshold), mqb, mkb,
         HQ=hq, BLOCK=block_size, BLOCK_K=block_kk, TOPK=use_topk, LAST_DENSE=sel.last_block_dense,
-        num_warps=max(1, block_kk // 2048),  # <= 64 scores per thread
     )
     return block_index, block_count

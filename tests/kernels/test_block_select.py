@@ -296,3 +296,42 @@ def test_group_gate_weight_layout() -> None:
         torch.testing.assert_close(g[h // 3, :, (h % 3) * 4:(h % 3 + 1) * 4], w[h])
     with pytest.raises(ValueError, match="KV heads"):
         group_gate_weight(w, 4)
+
+
+@pytest.mark.parametrize("warps", [1, 2, 4])
+@pytest.mark.parametrize("levels", [4, 0], ids=["tied-levels", "random"])
+def test_select_kernel_configs_agree(levels: int, warps: int) -> None:
+    """Every autotune config of the selection kernel (warps per row, ties broken in every row or
+    only where the radix passes did not stop early) writes the same lists, element for element,
+    from the same scores: rows with tied k-th scores and rows that stop early both occur."""
+    import triton
+    from vllm_seer.kernels.block_select import block_select
+    from vllm_seer.kernels.block_select import triton as bsel
+
+    if DEVICE == "cpu" and warps != 1:
+        pytest.skip("the interpreter ignores num_warps")
+    lens, n_new, hq, hkv, d = [2500, 700], [1200, 300], 2, 1, 64
+    q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
+    if levels:  # integer score levels (see test_block_select_topk_tie_levels_exact)
+        gen = torch.Generator().manual_seed(1)
+        weight.zero_()
+        weight[:, 0, 0] = 1.0
+        inv = torch.zeros_like(inv)
+        k_pooled.zero_()
+        k_pooled[..., 0] = torch.randint(0, levels, k_pooled.shape[:3], generator=gen).float()
+    sel = Selection("nz_ratio", 0.0, 0.3, True)
+    shape = (len(lens), hq, mqb, mkb)
+    work = torch.empty(len(lens) * hq * mqb * mkb, dtype=torch.float32, device=DEVICE)
+    index = torch.full(shape, -7, dtype=torch.int32, device=DEVICE)
+    count = torch.full(shape[:3], -7, dtype=torch.int32, device=DEVICE)
+    block_select(q_pooled, k_pooled, weight, inv, cu, seq_lens, sel, index, count, workspace=work)
+    nkb = (seq_lens.long() + 63) // 64
+    topk = torch.clamp(((1.0 - math.sqrt(0.7)) * nkb.double()).floor(), min=1).to(torch.int32)
+    for tie_branch in (False, True):
+        idx2 = torch.full(shape, -7, dtype=torch.int32, device=DEVICE)
+        cnt2 = torch.full(shape[:3], -7, dtype=torch.int32, device=DEVICE)
+        bsel._select_kernel.fn[(mqb, len(lens), hq)](
+            work, topk, idx2, cnt2, cu, seq_lens, 0.0, mqb, mkb, HQ=hq, BLOCK=64,
+            BLOCK_K=triton.next_power_of_2(mkb), TOPK=True, LAST_DENSE=True,
+            TIE_BRANCH=tie_branch, num_warps=warps)
+        assert torch.equal(idx2, index) and torch.equal(cnt2, count), tie_branch
