@@ -12,13 +12,20 @@ from vllm_seer.kernels.sparse_prefill import masks_to_block_lists
 from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
 
-def main(T: int = 32768, hq: int = 32, hkv: int = 8, d: int = 128, page: int = 16,
-         density: float = 0.1) -> None:
+def main(T: int = 32768, hq: int = 32, hkv: int = 8, d: int = 128, page: int = 64,
+         density: float = 0.1, packed: bool = True) -> None:
+    """``packed``: K and V as views of one ``[P, page, Hkv, 2D]`` tensor of K|V token rows, as
+    vLLM 0.26+ CUDA keeps them (with ``page % 64 == 0`` the kernel then loads key blocks by TMA,
+    the served path); else two contiguous caches."""
     dev = "cuda"
     torch.manual_seed(0)
     n_pages = T // page
-    kc = torch.randn(n_pages, page, hkv, d, device=dev, dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
+    if packed:
+        kv = torch.randn(n_pages, page, hkv, 2 * d, device=dev, dtype=torch.bfloat16)
+        kc, vc = kv[..., :d], kv[..., d:]
+    else:
+        kc = torch.randn(n_pages, page, hkv, d, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
     table = torch.randperm(n_pages, device=dev, dtype=torch.int32)[None]
     q = torch.randn(T, hq, d, device=dev, dtype=torch.bfloat16)
     nb = T // 64
@@ -44,7 +51,8 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--page", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--separate", action="store_true", help="separate K and V caches")
     a = ap.parse_args()
-    main(T=a.tokens, page=a.page)
+    main(T=a.tokens, page=a.page, packed=not a.separate)
