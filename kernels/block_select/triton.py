@@ -39,16 +39,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def _select_configs() -> list[triton.Config]:
     # one warp per row reduces with shuffles alone but holds up to 64 scores per thread (207-255
-    # registers at 2048 key blocks on sm_90: ~9 warps per SM); 2 / 4 warps trade a shared-memory
-    # reduction and a barrier per radix pass for 2-4x the occupancy. Measured per row width at
-    # start-up (warm_up runs every width), the bench reports the pick.
-    # TIE_BRANCH: break ties (a second prefix scan over the row) only in rows whose passes did not
-    # stop early, at the price of registers (255 + 8 B stack at one warp, 2048 blocks; 207
-    # without the branch)
+    # registers at 2048 key blocks on sm_90: ~9 warps per SM); 2 / 4 / 8 warps trade a
+    # shared-memory reduction and a barrier per radix pass for occupancy. TIE_BRANCH: break ties
+    # (a second prefix scan over the row) only in rows whose passes did not stop early, at the
+    # price of registers (255 + 8 B stack at one warp, 2048 blocks; 207 without the branch).
+    # Autotuned per row width at start-up (warm_up runs every width). Measured on an H100
+    # (2026-12-07, benchmarks/gpu/gate_variants.py, top-k 0.1, Llama shapes): 128k prompt
+    # 1.596 ms (1 warp, the former fixed config) -> 1.042 ms (4 warps, TIE_BRANCH); one 8k
+    # chunk at 128k context 0.147 -> 0.090 ms; 32k prompt 0.064 -> 0.060 ms (1 warp, TIE_BRANCH).
     if INTERPRET:
         return [triton.Config({"TIE_BRANCH": True}, num_warps=1, num_stages=1)]
     return [triton.Config({"TIE_BRANCH": tb}, num_warps=w, num_stages=1)
-            for w in (1, 2, 4) for tb in (False, True)]
+            for w in (1, 2, 4, 8) for tb in (False, True)]
 
 
 def _scores_configs() -> list[triton.Config]:
@@ -56,6 +58,8 @@ def _scores_configs() -> list[triton.Config]:
     # G = 128, tf32x3): the former fixed 64 x 64 / 4 warps / 1 stage spills (255 registers, 256 B
     # stack); 64 x 32 (208-212 regs), 128 x 32 at 8 warps (184) and 64 x 16 (153) do not. A larger
     # BM rotates each key tile once for more query rows (the key RoPE is redone per query tile).
+    # Measured on an H100 (2026-12-07): the spill costs little, 64 x 64 and 64 x 32 at 4 warps
+    # are within 2-8 % of each other at 32k / 128k (0.068 / 0.56 ms), the others slower.
     if INTERPRET:
         return [triton.Config({"BM": 16, "BN": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)

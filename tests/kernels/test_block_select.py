@@ -298,7 +298,7 @@ def test_group_gate_weight_layout() -> None:
         group_gate_weight(w, 4)
 
 
-@pytest.mark.parametrize("warps", [1, 2, 4])
+@pytest.mark.parametrize("warps", [1, 2, 4, 8])
 @pytest.mark.parametrize("levels", [4, 0], ids=["tied-levels", "random"])
 def test_select_kernel_configs_agree(levels: int, warps: int) -> None:
     """Every autotune config of the selection kernel (warps per row, ties broken in every row or
