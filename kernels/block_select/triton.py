@@ -18,7 +18,7 @@ Pipeline (no host sync, grids from tensor shapes):
    an exact radix select on the float bits (one bit per pass, at most 32 passes, stopping once
    exactly ``k`` keys lie above the prefix), 1, 2 or 4 warps per row autotuned per row width (one
    warp reduces with shuffles alone, more warps hold fewer scores per thread; ties: lower block
-   index first, the tie-breaking scan optionally only in rows that did not stop early); diagonal,
+   index first, the tie-breaking scan only in rows whose passes did not stop early); diagonal,
    ``last_block_dense`` rows and causality; compaction as one permutation store (selected blocks
    ascending, then ``-1``) so every element of the row is written exactly once.
 """
@@ -38,19 +38,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _select_configs() -> list[triton.Config]:
-    # one warp per row reduces with shuffles alone but holds up to 64 scores per thread (207-255
-    # registers at 2048 key blocks on sm_90: ~9 warps per SM); 2 / 4 / 8 warps trade a
-    # shared-memory reduction and a barrier per radix pass for occupancy. TIE_BRANCH: break ties
-    # (a second prefix scan over the row) only in rows whose passes did not stop early, at the
-    # price of registers (255 + 8 B stack at one warp, 2048 blocks; 207 without the branch).
+    # one warp per row reduces with shuffles alone but holds up to 64 scores per thread (255
+    # registers + 8 B stack at 2048 key blocks on sm_90, triton 3.9: ~8 warps per SM); 2 / 4 / 8
+    # warps trade a shared-memory reduction and a barrier per radix pass for occupancy.
     # Autotuned per row width at start-up (warm_up runs every width). Measured on an H100
-    # (2026-12-07, benchmarks/gpu/gate_variants.py, top-k 0.1, Llama shapes): 128k prompt
-    # 1.596 ms (1 warp, the former fixed config) -> 1.042 ms (4 warps, TIE_BRANCH); one 8k
-    # chunk at 128k context 0.147 -> 0.090 ms; 32k prompt 0.064 -> 0.060 ms (1 warp, TIE_BRANCH).
+    # (2026-12-07, benchmarks/gpu/gate_variants.py, top-k 0.1, Llama shapes), against the former
+    # fixed config (1 warp, the tie-breaking scan in every row): 128k prompt 1.596 -> 1.042 ms
+    # (4 warps); one 8k chunk at 128k context 0.147 -> 0.090 ms (4 warps); 32k prompt 0.064 ->
+    # 0.060 ms (1 warp); one 8k chunk at 32k context 0.026 -> 0.021 ms (2 warps).
     if INTERPRET:
-        return [triton.Config({"TIE_BRANCH": True}, num_warps=1, num_stages=1)]
-    return [triton.Config({"TIE_BRANCH": tb}, num_warps=w, num_stages=1)
-            for w in (1, 2, 4, 8) for tb in (False, True)]
+        return [triton.Config({}, num_warps=1, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (1, 2, 4, 8)]
 
 
 def _scores_configs() -> list[triton.Config]:
@@ -71,7 +69,7 @@ def _prune_select(configs: list[triton.Config], named_args: dict, **kwargs) -> l
     # at most 64 scores per thread (wider rows spill)
     need = max(1, kwargs["BLOCK_K"] // 2048)
     return [c for c in configs if c.num_warps >= need] or [
-        triton.Config({"TIE_BRANCH": True}, num_warps=min(need, 32), num_stages=1)]
+        triton.Config({}, num_warps=min(need, 32), num_stages=1)]
 
 
 @triton.autotune(configs=_scores_configs(), key=["G", "GROUP", "BLOCK"])
@@ -146,7 +144,7 @@ def _select_kernel(
     s_ptr, topk_ptr, idx_ptr, cnt_ptr, cu_ptr, lens_ptr,
     threshold, MQB, MKB,
     HQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-    TOPK: tl.constexpr, LAST_DENSE: tl.constexpr, TIE_BRANCH: tl.constexpr,
+    TOPK: tl.constexpr, LAST_DENSE: tl.constexpr,
 ):
     # s: [B, HQ, MQB, MKB] fp32 scores  topk: [B] int32  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
     j = tl.program_id(0)
@@ -183,13 +181,10 @@ def _select_kernel(
             n_ge = tl.sum((key >= cand).to(tl.int32), 0)
             kth = tl.where(n_ge >= k, cand, kth)
             bit -= 1
-        if TIE_BRANCH:
-            # a runtime branch (no ternary in Triton): stopped early, the k keys >= kth are the
-            # top k and there is no tie to break
-            if n_ge == k:  # noqa: SIM108
-                chosen = key >= kth
-            else:
-                chosen = _break_ties(key, kth, k)
+        # a runtime branch (no ternary in Triton): when the passes stopped early, the k keys >=
+        # kth are the top k and there is no tie to break (the scan over the row is skipped)
+        if n_ge == k:  # noqa: SIM108
+            chosen = key >= kth
         else:
             chosen = _break_ties(key, kth, k)
     else:
