@@ -66,9 +66,10 @@ def _scores_configs() -> list[triton.Config]:
 
 
 def _prune_select(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    # at most 64 scores per thread (wider rows spill)
-    need = max(1, kwargs["BLOCK_K"] // 2048)
-    return [c for c in configs if c.num_warps >= need] or [
+    # at most 64 scores per thread (wider rows spill), at least 8 (narrow rows gain nothing from
+    # more warps, and each config is one more compile at start-up)
+    need, most = max(1, kwargs["BLOCK_K"] // 2048), max(1, kwargs["BLOCK_K"] // 256)
+    return [c for c in configs if need <= c.num_warps <= most] or [
         triton.Config({}, num_warps=min(need, 32), num_stages=1)]
 
 
