@@ -4,7 +4,7 @@
 # .gpu/install-bundle.sh): the tests are correctness checks, not timings, and mostly compile
 # kernels on the CPU, so they share the GPU with the training. The tests stop after TESTS_S
 # seconds (default 520) so the call ends inside the 10-minute limit with both results written.
-#   KERNELS_TREE=... BACKEND_TREE=... bash benchmarks/gpu/train_with_tests.sh NAME TEST_PATH...
+#   bash benchmarks/gpu/train_with_tests.sh NAME TEST_PATH...   (code trees recorded from the files)
 # Writes $OUT/gpu-tests-NAME.json (benchmarks/gpu/gpu_tests.py) and $OUT/gpu-tests-NAME.log.
 set -u
 name=$1; shift
