@@ -93,15 +93,11 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
     return res
 
 
-def compile_select(arch: int, block_k: int, topk: bool, config: triton.Config) -> dict:
-    """Compile the gate's ``_select_kernel`` for ``sm_<arch>`` at row width ``block_k`` (a power
-    of two) with one of its autotune configs."""
-    from vllm_seer.kernels.block_select import triton as bsel
-
-    fn = bsel._select_kernel.fn
-    pointers = {"s_ptr": "*fp32", "topk_ptr": "*i32", "idx_ptr": "*i32", "cnt_ptr": "*i32",
-                "cu_ptr": "*i32", "lens_ptr": "*i32"}
-    const = dict(HQ=32, BLOCK=64, BLOCK_K=block_k, TOPK=topk, LAST_DENSE=True, **config.kwargs)
+def _compile_gate_kernel(fn, arch: int, pointers: dict[str, str], const: dict, fp32_arg: str,
+                         config: triton.Config) -> dict:
+    """Compile one of the gate's kernels (``fn``: its JITFunction) for ``sm_<arch>``: pointer
+    arguments typed by ``pointers`` (16-byte aligned), ``const`` constexprs, ``fp32_arg`` the one
+    float scalar, every other argument i32; resources of the cubin."""
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         if n in pointers:
@@ -109,32 +105,7 @@ def compile_select(arch: int, block_k: int, topk: bool, config: triton.Config) -
         elif n in const:
             sig[n] = "constexpr"
         else:
-            sig[n] = "fp32" if n == "threshold" else "i32"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                       target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": config.num_warps, "num_stages": 1})
-    res = _resources(k.asm["cubin"])
-    res["smem_dyn"] = k.metadata.shared
-    return res
-
-
-def compile_scores(arch: int, group: int, g: int, config: triton.Config) -> dict:
-    """Compile the gate's ``_scores_kernel`` (tf32x3) for ``sm_<arch>`` with one of its autotune
-    configs (``group`` query heads per KV head, gate hidden size ``g``)."""
-    from vllm_seer.kernels.block_select import triton as bsel
-
-    fn = bsel._scores_kernel.fn
-    pointers = {"q_ptr": "*fp32", "k_ptr": "*fp32", "s_ptr": "*fp32", "cs_ptr": "*fp32",
-                "cu_ptr": "*i32", "lens_ptr": "*i32"}
-    const = dict(HQ=32, GROUP=group, G=g, BLOCK=64, PRECISION="tf32x3", **config.kwargs)
-    sig, attrs = {}, {}
-    for i, n in enumerate(fn.arg_names):
-        if n in pointers:
-            sig[n], attrs[(i,)] = pointers[n], [["tt.divisibility", 16]]
-        elif n in const:
-            sig[n] = "constexpr"
-        else:
-            sig[n] = "fp32" if n == "scale" else "i32"
+            sig[n] = "fp32" if n == fp32_arg else "i32"
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -142,6 +113,28 @@ def compile_scores(arch: int, group: int, g: int, config: triton.Config) -> dict
     res["smem_dyn"] = k.metadata.shared
     res["wgmma"] = k.asm["ptx"].count("wgmma.mma_async")
     return res
+
+
+def compile_select(arch: int, block_k: int, topk: bool, config: triton.Config) -> dict:
+    """Compile the gate's ``_select_kernel`` for ``sm_<arch>`` at row width ``block_k`` (a power
+    of two) with one of its autotune configs."""
+    from vllm_seer.kernels.block_select import triton as bsel
+
+    pointers = {"s_ptr": "*fp32", "topk_ptr": "*i32", "idx_ptr": "*i32", "cnt_ptr": "*i32",
+                "cu_ptr": "*i32", "lens_ptr": "*i32"}
+    const = dict(HQ=32, BLOCK=64, BLOCK_K=block_k, TOPK=topk, LAST_DENSE=True, **config.kwargs)
+    return _compile_gate_kernel(bsel._select_kernel.fn, arch, pointers, const, "threshold", config)
+
+
+def compile_scores(arch: int, group: int, g: int, config: triton.Config) -> dict:
+    """Compile the gate's ``_scores_kernel`` (tf32x3) for ``sm_<arch>`` with one of its autotune
+    configs (``group`` query heads per KV head, gate hidden size ``g``)."""
+    from vllm_seer.kernels.block_select import triton as bsel
+
+    pointers = {"q_ptr": "*fp32", "k_ptr": "*fp32", "s_ptr": "*fp32", "cs_ptr": "*fp32",
+                "cu_ptr": "*i32", "lens_ptr": "*i32"}
+    const = dict(HQ=32, GROUP=group, G=g, BLOCK=64, PRECISION="tf32x3", **config.kwargs)
+    return _compile_gate_kernel(bsel._scores_kernel.fn, arch, pointers, const, "scale", config)
 
 
 def main() -> None:
