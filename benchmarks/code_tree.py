@@ -4,7 +4,9 @@ The GPU host gets a copy of the working tree without a usable ``.git`` (once it 
 ``git rev-parse`` with a stale commit), so the benchmarks and the GPU test record name the code
 they ran by the same ids ``git rev-parse HEAD:kernels`` / ``HEAD:vllm_seer/backend`` give for a
 clean checkout: the tree object hash of the folder's files, recomputed here. Ignored files
-(``__pycache__``, ``*.pyc``, ``*.egg-info``) are left out, as git leaves them out of the tree.
+(``__pycache__``, ``*.pyc``, ``*.egg-info``) are left out, as git leaves them out of the tree;
+other ignore rules (``.git/info/exclude``, global excludes) are not read, and a copy that changes
+line endings or drops executable bits gives another id (neither happens to the GPU host's copy).
 Command line: ``python benchmarks/code_tree.py [FOLDER ...]`` prints ``FOLDER TREE_ID`` lines.
 """
 
@@ -50,8 +52,9 @@ def _tree(folder: Path) -> bytes | None:
             mode = b"100755" if st.st_mode & stat.S_IXUSR else b"100644"
             digest = _object("blob", path.read_bytes())
         # git sorts entries by name, a folder's name compared as if it ended with "/"
-        key = name.encode() + (b"/" if mode == b"40000" else b"")
-        entries.append((key, mode + b" " + name.encode() + b"\0" + digest))
+        raw = os.fsencode(name)
+        key = raw + (b"/" if mode == b"40000" else b"")
+        entries.append((key, mode + b" " + raw + b"\0" + digest))
     if not entries:
         return None
     return _object("tree", b"".join(e for _, e in sorted(entries)))

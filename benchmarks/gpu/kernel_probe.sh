@@ -2,7 +2,7 @@
 # Kernel-only probe on the GPU host, without the vLLM bundle (torch + triton of the host image):
 # every gate kernel config timed, the gate profile at 32k / 128k, and Nsight Compute on the sparse
 # prefill kernel at 32k (page 64, vLLM's packed K|V layout: the TMA path). Results under $OUT.
-set -u
+set -u -o pipefail
 [[ -e vllm_seer/kernels ]] || ln -s ../kernels vllm_seer/kernels
 export PYTHONPATH=$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader

@@ -16,7 +16,7 @@ Pipeline (no host sync, grids from tensor shapes):
    stages autotuned (at the backend's start-up warm-up).
 3. ``_select_kernel`` grid ``(MQB, B, Hq)``: one row in registers; softmax + threshold, or top-k by
    an exact radix select on the float bits (one bit per pass, at most 32 passes, stopping once
-   exactly ``k`` keys lie above the prefix), 1, 2 or 4 warps per row autotuned per row width (one
+   exactly ``k`` keys lie above the prefix), 1, 2, 4 or 8 warps per row autotuned per row width (one
    warp reduces with shuffles alone, more warps hold fewer scores per thread; ties: lower block
    index first, the tie-breaking scan only in rows whose passes did not stop early); diagonal,
    ``last_block_dense`` rows and causality; compaction as one permutation store (selected blocks
@@ -53,22 +53,22 @@ def _select_configs() -> list[triton.Config]:
 
 def _scores_configs() -> list[triton.Config]:
     # (BM query blocks, BN key blocks) per tile, warps, stages. Compiled for sm_90 (triton 3.9,
-    # G = 128, tf32x3): the former fixed 64 x 64 / 4 warps / 1 stage spills (255 registers, 256 B
-    # stack); 64 x 32 (208-212 regs), 128 x 32 at 8 warps (184) and 64 x 16 (153) do not. A larger
-    # BM rotates each key tile once for more query rows (the key RoPE is redone per query tile).
-    # Measured on an H100 (2026-12-07): the spill costs little, 64 x 64 and 64 x 32 at 4 warps
-    # are within 2-8 % of each other at 32k / 128k (0.068 / 0.56 ms), the others slower.
+    # G = 128, tf32x3): 64 x 64 at 4 warps spills (255 registers, 256 B stack), 64 x 32 does not
+    # (208). Measured on an H100 (2026-12-07, benchmarks/gpu/gate_variants.py) with four more
+    # configs: these two were within 2-8 % of each other at every shape (32k / 128k prompts 0.068
+    # / 0.56 ms, 8k chunks at 32k / 128k context 0.055 / 0.19 ms); 2 stages, 8 warps, 128 x 32
+    # and 64 x 16 were 1.05-2.1x slower. Only the two are kept: the scores are tuned once, at the
+    # warm-up's first (16k-token) call, where a config that loses 2x at 128k could win by noise.
     if INTERPRET:
         return [triton.Config({"BM": 16, "BN": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in ((64, 64, 4, 1), (64, 32, 4, 1), (64, 32, 4, 2), (64, 32, 8, 2),
-                                  (128, 32, 8, 2), (64, 16, 4, 2))]
+    return [triton.Config({"BM": 64, "BN": bn}, num_warps=4, num_stages=1) for bn in (64, 32)]
 
 
 def _prune_select(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     # at most 64 scores per thread (wider rows spill), at least 8 (narrow rows gain nothing from
     # more warps, and each config is one more compile at start-up)
-    need, most = max(1, kwargs["BLOCK_K"] // 2048), max(1, kwargs["BLOCK_K"] // 256)
+    block_k = {**named_args, **kwargs}["BLOCK_K"]
+    need, most = max(1, block_k // 2048), max(1, block_k // 256)
     return [c for c in configs if need <= c.num_warps <= most] or [
         triton.Config({}, num_warps=min(need, 32), num_stages=1)]
 
@@ -164,8 +164,8 @@ def _select_kernel(
     if TOPK:
         k = tl.load(topk_ptr + b)
         # order-preserving unsigned 32-bit key of the fp32 score (sign flipped for positives,
-        # all bits flipped for negatives); one row per single-warp program: the 32 passes reduce
-        # with warp shuffles only, no block-wide barrier
+        # all bits flipped for negatives); one row per program (1-8 warps, autotuned: one warp
+        # reduces each pass with shuffles alone, more warps need a barrier per pass)
         bits = s.to(tl.uint32, bitcast=True)
         neg = (bits >> 31) == 1
         key = tl.where(neg, ~bits, bits | 0x80000000)

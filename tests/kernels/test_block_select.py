@@ -308,7 +308,9 @@ def test_select_kernel_configs_agree(levels: int, warps: int) -> None:
     from vllm_seer.kernels.block_select import block_select
     from vllm_seer.kernels.block_select import triton as bsel
 
-    lens, n_new, hq, hkv, d = [2500, 700], [1200, 300], 2, 1, 64
+    # a 40k-token context: 625 key blocks, a 1024-wide row as long prompts give (the widths where
+    # the autotuner picks more than one warp)
+    lens, n_new, hq, hkv, d = [40000, 2500], [300, 1200], 2, 1, 64
     q_pooled, k_pooled, weight, inv, cu, seq_lens, mqb, mkb = _inputs(lens, n_new, hq, hkv, d)
     if levels:  # integer score levels (see test_block_select_topk_tie_levels_exact)
         gen = torch.Generator().manual_seed(1)
@@ -335,3 +337,16 @@ def test_select_kernel_configs_agree(levels: int, warps: int) -> None:
     assert torch.equal(idx2, index) and torch.equal(cnt2, count)
     if levels:  # integer levels: exact scores, so the reference's ties resolve the same way
         assert torch.equal(_as_masks(idx2, cnt2, mkb), ref)
+        # both ways out of the radix loop occur: exactly k keys >= the k-th (early stop) and a
+        # tied k-th score (the tie-breaking scan)
+        scores = work.view(shape).cpu()  # written for causal blocks only
+        stops = ties = 0
+        for b, (L, n) in enumerate(zip(lens, n_new, strict=True)):
+            k, qb0 = int(topk[b]), (L - n) // 64
+            for j in range((L - 1) // 64 - qb0 + 1):
+                if qb0 + j + 1 > k:  # more causal blocks than k
+                    row = scores[b, :, j, : qb0 + j + 1]
+                    n_ge = (row >= row.sort(-1, descending=True).values[:, k - 1:k]).sum(-1)
+                    stops += int((n_ge == k).sum())
+                    ties += int((n_ge > k).sum())
+        assert stops > 0 and ties > 0, (stops, ties)

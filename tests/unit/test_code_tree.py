@@ -53,3 +53,22 @@ def test_code_trees_names_the_project_folders() -> None:
     trees = code_tree.code_trees()
     assert set(trees) == {"kernels_tree", "backend_tree"}
     assert all(t is not None and len(t) == 40 for t in trees.values())
+
+
+def test_script_commit_only_names_a_commit_holding_these_kernels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The e2e environment's commit: git's HEAD when its kernels tree is the one given (the files'
+    own on a clean checkout), ``unknown (...)`` when git's HEAD holds other kernels (a stale .git),
+    and ``SEER_COMMIT`` when the caller sets it."""
+    import e2e_client
+
+    repo = Path(__file__).resolve().parents[2]
+    if _git(repo, "rev-parse", "--is-inside-work-tree") != "true":
+        pytest.skip("not a git checkout")
+    monkeypatch.delenv("SEER_COMMIT", raising=False)
+    head = _git(repo, "rev-parse", "HEAD")
+    assert e2e_client.script_commit(_git(repo, "rev-parse", "HEAD:kernels")) == head[:7]
+    stale = e2e_client.script_commit("0" * 40)
+    assert stale.startswith("unknown (git HEAD") and head[:7] in stale
+    monkeypatch.setenv("SEER_COMMIT", "abc1234")
+    assert e2e_client.script_commit("0" * 40) == "abc1234"
