@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -200,6 +201,36 @@ def subset_common_metadata(cm: Any, req_ids: list[int], rows: torch.Tensor,
 
 
 CPU_ISAS = ("vec",)
+logger = logging.getLogger(__name__)
+
+
+def cpu_builder_isa(builder: Any, layer_names: list[str]) -> None:
+    """Make vLLM's CPU metadata ``builder`` use an attention ISA whose cache layout Seer reads.
+
+    vLLM's CPU backend (0.32: ``cpu_attn._get_attn_isa``) picks its kernels' ISA per builder:
+    ``amx`` on x86 with AMX tiles for bf16 and pages of a multiple of 32 tokens, else ``vec``;
+    ``vec16`` for other pages or head sizes, ``neon`` / ``vsx`` / ``vxe`` / ``rvv`` on other CPUs.
+    The builder keeps it and sets it on every layer (``layer.isa``), and vLLM's cache writer and
+    attention kernels both follow it. Seer's CPU path reads the ``vec`` layout (:func:`cpu_kv_views`),
+    and ``vec`` serves every input ``amx`` does (x86, pages of a multiple of 32), so ``amx`` is
+    replaced by ``vec`` here (the dense rows then run vLLM's vec kernels instead of AMX); any other
+    ISA stops start-up with a message naming it. A builder without an ``isa`` (an older CPU
+    backend) is left alone.
+    """
+    isa = getattr(builder, "isa", None)
+    if isa is None or isa in CPU_ISAS:
+        return
+    if isa == "amx":
+        logger.info("Seer backend: vLLM's CPU attention ISA 'amx' packs the KV cache in a layout "
+                    "the Seer CPU path does not read; using its 'vec' kernels instead")
+        builder.isa = "vec"
+        builder._set_isa_to_layers(layer_names)
+        return
+    raise NotImplementedError(
+        f"Seer backend: vLLM's CPU attention ISA {isa!r} (chosen from the dtype, --block-size and "
+        f"head size) is not supported; supported: {', '.join(CPU_ISAS)} (and 'amx', served as "
+        f"'vec'). On x86, a --block-size that is a multiple of 32 and a head size that is a "
+        f"multiple of 32 give 'vec'.")
 
 
 def cpu_kv_views(kv_cache: torch.Tensor, isa: str = "vec") -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,11 @@ from vllm_seer.backend.runtime import get_runtime
 class SeerCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     _steps = 0
 
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], *args: Any,
+                 **kwargs: Any) -> None:
+        super().__init__(kv_cache_spec, layer_names, *args, **kwargs)
+        compat.cpu_builder_isa(self, layer_names)  # 'amx' -> 'vec'; others refused at start-up
+
     def build(self, common_prefix_len: int, common_attn_metadata: Any,
               fast_build: bool = False) -> SeerStepMetadata:
         SeerCPUMetadataBuilder._steps += 1
