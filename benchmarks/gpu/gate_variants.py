@@ -5,7 +5,7 @@ the last two query-block rows dense, random pooled inputs. Shapes: a whole promp
 prefilled at once (``MQB = MKB = L / 64``) and, with ``--chunk``, one chunked-prefill step (the
 last ``chunk`` rows of an ``L``-token prompt, as vLLM's default 8k chunks give). The configs the
 kernels had before they were autotuned are ``BM 64 BN 64 w4 s1`` (scores) and one warp with the
-tie-breaking scan in every row (selection; timed by this script at commit fffe16f as
+tie-breaking scan in every row (selection; timed by this script at commit a2ec828 as
 ``TIE_BRANCH: False``, see ``benchmarks/results/gate-variants-h100.md``). Prints one table;
 ``--json`` writes the numbers.
 
