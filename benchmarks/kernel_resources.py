@@ -6,7 +6,8 @@ became Hopper ``wgmma`` can be checked before spending GPU time. Example::
 
     python benchmarks/kernel_resources.py --arch 90 --head-dim 128 --kv bf16,fp8,fp8q
 
-Prints one line per autotune config of the sparse prefill kernel and K/V dtype (``fp8``: float8
+Prints one line per autotune config of the sparse prefill kernel (``--pairs``: and of the 128-row
+pair-tile kernel) and K/V dtype (``fp8``: float8
 e4m3 K/V, bf16 query; ``fp8q``: float8 query too, as vLLM's FlashAttention FP8 path hands it).
 ``--select`` adds the gate's selection kernel (top-k and threshold) at each row width up to
 ``--max-blocks`` key blocks, once per autotune config; ``--scores`` the gate's scores kernel per
@@ -29,7 +30,7 @@ POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf1
             "bt_ptr": "*i32", "cu_ptr": "*i32", "lens_ptr": "*i32", "idx_ptr": "*i32",
             "cnt_ptr": "*i32", "row_slot_ptr": "*i32", "seg_ptr": "*i32", "counter_ptr": "*i32",
             "pacc_ptr": "*fp32", "pml_ptr": "*fp32", "qs_ptr": "*fp32", "ks_ptr": "*fp32",
-            "vs_ptr": "*fp32"}
+            "vs_ptr": "*fp32", "paired_ptr": "*i32", "union_ptr": "*i32", "ucnt_ptr": "*i32"}
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 
 
@@ -44,14 +45,15 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 
 def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.Config,
-                           kv: str = "bf16", tma: bool = False) -> dict:
-    """Compile ``_sparse_prefill_kernel`` for ``sm_<arch>`` (``kv``: ``bf16`` / ``fp8`` /
-    ``fp8q``, see the module doc; ``tma``: complete key blocks through tensor descriptors, needs
-    ``page % 64 == 0``); resources of the cubin."""
+                           kv: str = "bf16", tma: bool = False, pairs: bool = False) -> dict:
+    """Compile ``_sparse_prefill_kernel`` (``pairs``: the 128-row ``pairs._pair_kernel``) for
+    ``sm_<arch>`` (``kv``: ``bf16`` / ``fp8`` / ``fp8q``, see the module doc; ``tma``: complete
+    key blocks through tensor descriptors, needs ``page % 64 == 0``); resources of the cubin."""
     import triton.language as tl
+    from vllm_seer.kernels.sparse_prefill import pairs as pr
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
-    fn = sp._sparse_prefill_kernel.fn
+    fn = (pr._pair_kernel if pairs else sp._sparse_prefill_kernel).fn
     q_fp8, kv_fp8 = kv == "fp8q", kv in ("fp8", "fp8q")
     pointers = dict(POINTERS)
     if kv_fp8:
@@ -64,8 +66,9 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
     const = dict(HQ=32, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                  PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, SPLIT=True, Q_FP8=q_fp8,
                  KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8, DOT_DTYPE=tl.bfloat16, USE_TMA=tma,
-                 **config.kwargs)
+                 PAIRS=True, **config.kwargs)
     const.update(dict.fromkeys(UNIT_STRIDES, 1))
+    const = {n: v for n, v in const.items() if n in fn.arg_names}
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         # what launching with real tensors specialises: 16-byte aligned pointers, strides that
@@ -144,6 +147,7 @@ def main() -> None:
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--kv", default="bf16", help="comma list of bf16 / fp8 / fp8q")
     ap.add_argument("--tma", action="store_true", help="the tensor-descriptor (TMA) K/V loads")
+    ap.add_argument("--pairs", action="store_true", help="also the 128-row pair-tile kernel")
     ap.add_argument("--select", action="store_true", help="also the gate's selection kernel")
     ap.add_argument("--scores", action="store_true",
                     help="also the gate's scores kernel (GQA group 4, gate hidden size 128)")
@@ -171,11 +175,17 @@ def main() -> None:
                   f"stages={cfg.num_stages}: regs {r['REG']} stack {r['STACK']} "
                   f"smem {r['smem_dyn']} wgmma {r['wgmma']}", flush=True)
 
-    for kv in args.kv.split(","):
-        for cfg in sp._sparse_prefill_kernel.configs:
-            r = compile_sparse_prefill(args.arch, args.head_dim, args.page, cfg, kv, args.tma)
-            print(f"sm_{args.arch} d={args.head_dim} page={args.page} kv={kv} tma={args.tma} "
-                  f"{cfg.kwargs} "
+    from vllm_seer.kernels.sparse_prefill import pairs as pr
+
+    kernels = [("rows", sp._sparse_prefill_kernel)]
+    if args.pairs:
+        kernels.append(("pairs", pr._pair_kernel))
+    for (name, kern), kv in ((k, kv) for k in kernels for kv in args.kv.split(",")):
+        for cfg in kern.configs:
+            r = compile_sparse_prefill(args.arch, args.head_dim, args.page, cfg, kv, args.tma,
+                                       name == "pairs")
+            print(f"sm_{args.arch} {name} d={args.head_dim} page={args.page} kv={kv} "
+                  f"tma={args.tma} {cfg.kwargs} "
                   f"warps={cfg.num_warps} stages={cfg.num_stages}: regs {r['REG']} stack "
                   f"{r['STACK']} smem {r['smem_dyn']} wgmma {r['wgmma']}", flush=True)
 

@@ -95,11 +95,15 @@ def query_tile(qb, start, seq_len, q_lo, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["R", "SEG", "CAP"])  # R: rows of the batch, varies
-def _plan_kernel(cnt_ptr, row_slot_ptr, seg_ptr, counter_ptr, R, SEG, CAP, BR: tl.constexpr):
-    # one program per BR rows: one atomic for all its split rows, slots handed out in row order
+def _plan_kernel(cnt_ptr, paired_ptr, row_slot_ptr, seg_ptr, counter_ptr, R, SEG, CAP,
+                 BR: tl.constexpr, PAIRS: tl.constexpr):
+    # one program per BR rows: one atomic for all its split rows, slots handed out in row order;
+    # rows of 128-row pair tiles (PAIRS: paired[r] != 0) are never split
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     ok = r < R
     c = tl.load(cnt_ptr + r, mask=ok, other=0)
+    if PAIRS:
+        c = tl.where(tl.load(paired_ptr + r, mask=ok, other=0) != 0, 0, c)
     nseg = tl.where(c > SEG, (c + SEG - 1) // SEG, 0)
     total = tl.sum(nseg, 0)
     base = tl.atomic_add(counter_ptr, total)
@@ -155,17 +159,21 @@ def _combine_kernel(
                      mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-def plan_splits(block_count: torch.Tensor, work: SplitWork) -> None:
+def plan_splits(block_count: torch.Tensor, work: SplitWork,
+                paired: torch.Tensor | None = None) -> None:
     """Hand out partial slots to the rows of ``block_count`` ``[B, Hq, MQB]`` longer than
-    ``work.split_blocks`` (fills ``work.row_slot`` / ``work.segs``; two launches, no sync)."""
+    ``work.split_blocks`` (fills ``work.row_slot`` / ``work.segs``; two launches, no sync).
+    ``paired``: ``[R]`` int32 flags of rows that run in 128-row pair tiles (never split)."""
     rows = block_count.numel()
     if work.row_slot.numel() < rows:
         raise ValueError(f"SplitWork has row_slot for {work.row_slot.numel()} rows, need {rows}")
     work.counter.zero_()
     br = 1024
-    _plan_kernel[(triton.cdiv(rows, br),)](block_count, work.row_slot, work.segs, work.counter,
-                                           rows, work.split_blocks, work.capacity, BR=br,
-                                           num_warps=4)
+    _plan_kernel[(triton.cdiv(rows, br),)](block_count,
+                                           block_count if paired is None else paired,
+                                           work.row_slot, work.segs, work.counter, rows,
+                                           work.split_blocks, work.capacity, BR=br,
+                                           PAIRS=paired is not None, num_warps=4)
 
 
 def combine_splits(out: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,

@@ -9,7 +9,7 @@ Schedule (one 1-D grid, no host sync; dispatch follows program order):
 1. the first ``capacity`` programs run the slices of *split* rows (rows whose list is longer than
    ``split_blocks``, e.g. the dense last query-block rows of a chunked-prefill step, see
    :mod:`.split`), each at most ``split_blocks`` key blocks, and write partial results;
-2. then one program per remaining row, heaviest first in bands of query blocks (``_row_of``):
+2. then one program per remaining row, heaviest first in bands of query blocks (:func:`.tiles.row_of`):
    bands descending (causal rows grow with the local query block ``j``), inside a band request and
    KV head slowest, then ``j`` descending, then the heads of the KV group, so the programs in
    flight share the K/V of a few KV heads in L2;
@@ -46,6 +46,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, scale_arg
 from vllm_seer.kernels.sparse_prefill.naive import check_fp8_kv
+from vllm_seer.kernels.sparse_prefill.pairs import pair_attention, plan_pairs
+from vllm_seer.kernels.sparse_prefill.pairs_naive import PairWork
 from vllm_seer.kernels.sparse_prefill.split import (
     SplitWork,
     combine_splits,
@@ -53,9 +55,17 @@ from vllm_seer.kernels.sparse_prefill.split import (
     query_tile,
     row_geometry,
 )
+from vllm_seer.kernels.sparse_prefill.tiles import (
+    load_kt,
+    load_v,
+    online_softmax_step,
+    page_row,
+    row_of,
+    token_offsets,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# whole-row programs in bands of query blocks, KV-head-major inside a band (see _row_of): the
+# whole-row programs in bands of query blocks, KV-head-major inside a band (see tiles.row_of): the
 # band is MQB // 4 capped at BAND_MAX. Measured on the H200 (2026-12-03, Llama-3.1-8B shapes,
 # page 64, TMA, random gates at density 0.1; benchmarks/bench_sparse_variants.py): band 128 vs 0
 # 2.28 vs 2.85 ms at 32k and 34.0 vs 43.8 ms at 128k (L2 keeps the K/V of the few KV heads in
@@ -80,100 +90,11 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 
 
-@triton.jit
-def _token_offsets(kb, bt_row, stride_btp, stride_p, stride_t, offs_n,
-                   PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """``[BLOCK]`` int64 cache offsets of the tokens of key block ``kb`` (page + slot)."""
-    pos = kb.to(tl.int64) * BLOCK + offs_n
-    if PAGE_SIZE % BLOCK == 0:  # the block is one contiguous run of one page
-        page = tl.load(bt_row + (kb.to(tl.int64) * BLOCK // PAGE_SIZE) * stride_btp).to(tl.int64)
-        return page * stride_p + (pos % PAGE_SIZE) * stride_t
-    else:
-        page = tl.load(bt_row + (pos // PAGE_SIZE) * stride_btp).to(tl.int64)
-        return page * stride_p + (pos % PAGE_SIZE) * stride_t
-
-
-@triton.jit
-def _page_row(kb, bt_row, stride_btp, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """Row of key block ``kb``'s first token in the ``[num_pages * PAGE_SIZE, Hkv * D]`` view of
-    the cache (``PAGE_SIZE % BLOCK == 0``: the block is one contiguous run of one page), int32 as
-    tensor-descriptor coordinates are."""
-    page = tl.load(bt_row + (kb.to(tl.int64) * BLOCK // PAGE_SIZE) * stride_btp)
-    return page * PAGE_SIZE + (kb * BLOCK) % PAGE_SIZE
-
-
-@triton.jit
-def _row_of(rr, MQB, NB, BAND, HQ: tl.constexpr, GROUP: tl.constexpr):
-    """Row id (flattened ``[B, HQ, MQB]``) of whole-row program ``rr``: heaviest first.
-
-    ``BAND == 0``: the local query block ``j`` descends slowest, then request, query head.
-    ``BAND > 0``: bands of ``BAND`` query blocks (descending); inside a band request and KV head
-    slowest, then ``j`` (descending), then the heads of the KV group, so the programs in flight
-    share the K/V of few KV heads (L2) while the long rows still start first."""
-    if BAND > 0:
-        band = rr // (BAND * NB)
-        jtop = MQB - 1 - band * BAND
-        bl = tl.minimum(jtop + 1, BAND)
-        r2 = rr - band * BAND * NB
-        g = r2 % GROUP
-        t = r2 // GROUP
-        j0 = jtop - t % bl
-        bkv = t // bl
-        bh = (bkv // (HQ // GROUP)) * HQ + (bkv % (HQ // GROUP)) * GROUP + g
-    else:
-        j0 = MQB - 1 - rr // NB
-        bh = rr % NB
-    return bh * MQB + j0
-
-
-@triton.jit
-def _load_kt(k_base, tok, dk, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[BLOCK_D, BLOCK]`` K^T tile of one complete key block (no token mask)."""
-    if HEAD_DIM == BLOCK_D:
-        return tl.load(k_base + tok[None, :] + dk)
-    else:
-        return tl.load(k_base + tok[None, :] + dk, mask=d_ok[:, None], other=0.0)
-
-
-@triton.jit
-def _load_v(v_base, tok, dv, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[BLOCK, BLOCK_D]`` V tile of one complete key block (no token mask)."""
-    if HEAD_DIM == BLOCK_D:
-        return tl.load(v_base + tok[:, None] + dv)
-    else:
-        return tl.load(v_base + tok[:, None] + dv, mask=d_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.constexpr,
-                         DOT_FP32: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr):
-    """One ``[BLOCK, BLOCK]`` key tile of the online softmax; ``ok`` masks (diagonal only).
-    ``DOT_DTYPE``: what float8 K (unless ``FP8_QK``: float8 q and K dot as they are) and V tiles
-    are converted to."""
-    if DOT_FP32:
-        kt = kt.to(tl.float32)
-        v = v.to(tl.float32)
-    elif KV_FP8:
-        if not FP8_QK:
-            kt = kt.to(DOT_DTYPE)
-        v = v.to(DOT_DTYPE)
-    s = tl.dot(q, kt) * qk_scale  # [BLOCK, N], log2 domain
-    if MASKED:
-        s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
-
-
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK", "PAGE_SIZE", "USE_TMA"])
 @triton.jit(do_not_specialize=["MQB", "MKB", "NSEG_GRID", "SEG", "CAP", "BAND", "stride_btb"])
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, k_desc, v_desc,
-    bt_ptr, cu_ptr, lens_ptr, idx_ptr, cnt_ptr,
+    bt_ptr, cu_ptr, lens_ptr, idx_ptr, cnt_ptr, paired_ptr,
     row_slot_ptr, seg_ptr, counter_ptr, pacc_ptr, pml_ptr, qs_ptr, ks_ptr, vs_ptr,
     scale, MQB, MKB, NB, NSEG_GRID, SEG, CAP, BAND,
     stride_qt, stride_qh, stride_qd,
@@ -184,9 +105,10 @@ def _sparse_prefill_kernel(
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
     Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, PAIRS: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
+    # paired (PAIRS): [B, HQ, MQB] int32, rows run by the 128-row pair tiles (.pairs) are skipped
     # k_desc / v_desc (USE_TMA): tensor descriptors over the [P * PAGE_SIZE, HKV * D] views of
     # k/v with [BLOCK, D] boxes (complete key blocks are loaded by TMA; the diagonal by pointers)
     # NB = B * HQ; programs [0, NSEG_GRID) run split slices, the rest whole rows (heaviest first)
@@ -202,12 +124,14 @@ def _sparse_prefill_kernel(
         sl = tl.where(valid, sl, 0)
         is_slice = True
     else:
-        row = _row_of(pid - NSEG_GRID, MQB, NB, BAND, HQ, GROUP)
+        row = row_of(pid - NSEG_GRID, MQB, NB, BAND, HQ, GROUP)
         sl = 0
         t = 0
         valid = True
         if SPLIT:
             valid = tl.load(row_slot_ptr + row) < 0
+        if PAIRS:
+            valid = valid & (tl.load(paired_ptr + row) == 0)
         is_slice = False
     j, h, b, q_lo, start, seq_len, qb, nqb = row_geometry(row, cu_ptr, lens_ptr, MQB, HQ, BLOCK)
     if valid & (j < nqb):
@@ -251,29 +175,29 @@ def _sparse_prefill_kernel(
         if USE_TMA:  # one int32 coordinate carried per entry; TMA computes the addresses
             col_k = (kvh * stride_kh).to(tl.int32)  # the head's first column in a token's row
             col_v = (kvh * stride_vh).to(tl.int32)
-            r_kv = _page_row(kb, bt_row, stride_btp, PAGE_SIZE, BLOCK)
+            r_kv = page_row(kb, bt_row, stride_btp, PAGE_SIZE, BLOCK)
             for i in range(lo, n_full):
                 kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
                 k = k_desc.load([r_kv, col_k])  # [BLOCK, D]
                 v = v_desc.load([r_kv, col_v])
-                r_kv = _page_row(kb_n, bt_row, stride_btp, PAGE_SIZE, BLOCK)
-                acc, m_i, l_i = _online_softmax_step(q, tl.trans(k), v, acc, m_i, l_i, qk_scale,
+                r_kv = page_row(kb_n, bt_row, stride_btp, PAGE_SIZE, BLOCK)
+                acc, m_i, l_i = online_softmax_step(q, tl.trans(k), v, acc, m_i, l_i, qk_scale,
                                                      True, False, DOT_FP32, KV_FP8, FP8_QK,
                                                      DOT_DTYPE)
         else:
-            tok_k = _token_offsets(kb, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+            tok_k = token_offsets(kb, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
                                    PAGE_SIZE, BLOCK)
-            tok_v = _token_offsets(kb, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
+            tok_v = token_offsets(kb, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
                                    PAGE_SIZE, BLOCK)
             for i in range(lo, n_full):
                 kb_n = tl.maximum(tl.load(list_ptr + tl.minimum(i + 1, n_full - 1)), 0)
-                kt = _load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)
-                v = _load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)
-                tok_k = _token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
+                kt = load_kt(k_base, tok_k, dk, d_ok, HEAD_DIM, BLOCK_D)
+                v = load_v(v_base, tok_v, dv, d_ok, HEAD_DIM, BLOCK_D)
+                tok_k = token_offsets(kb_n, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
                                        PAGE_SIZE, BLOCK)
-                tok_v = _token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
+                tok_v = token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
                                        PAGE_SIZE, BLOCK)
-                acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True,
+                acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True,
                                                      False, DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
         if n_full < hi:  # the diagonal block: may run past the request's last token
             pos_k = last.to(tl.int64) * BLOCK + offs_m
@@ -286,7 +210,7 @@ def _sparse_prefill_kernel(
             v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None] + dv,
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             ok = k_ok[None, :] & (pos_k[None, :] <= pos_q[:, None])
-            acc, m_i, l_i = _online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,
+            acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,
                                                  DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
         if KV_FP8:  # V = float8 * v_scale: linear, so once on the accumulator
             acc = acc * tl.load(vs_ptr)
@@ -350,6 +274,7 @@ def sparse_prefill_paged(
     v_scale: torch.Tensor | float | None = None,
     tma: bool | None = None,
     band: int | None = None,
+    pairs: PairWork | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of packed prefill rows over the paged cache (Triton).
 
@@ -374,8 +299,11 @@ def sparse_prefill_paged(
             the device each, read in-kernel: no host sync), exactly for the float8 inputs.
         tma: load complete key blocks with tensor descriptors (TMA on Hopper); ``None``: wherever
             :func:`tma_descriptors` allows it; ``True`` raises where it does not.
-        band: program order (see ``_row_of``; ``None``: :func:`default_band`; 0: the query
+        band: program order (see :func:`.tiles.row_of`; ``None``: :func:`default_band`; 0: the query
             block slowest across all heads).
+        pairs: workspace of the 128-row pair tiles (:mod:`.pairs`): adjacent query blocks whose
+            lists overlap enough run as one tile over the union of their lists; ``None``: every
+            row as a 64-row tile.
     Returns:
         ``out``.
     """
@@ -406,11 +334,15 @@ def sparse_prefill_paged(
     if work is None and mkb > 128:
         work = SplitWork.allocate(rows, d, q.device, block_size)
     split = work is not None and mkb > work.split_blocks
+    use_pairs = pairs is not None and mqb >= 2
+    if use_pairs:
+        plan_pairs(block_index, block_count, cu_seqlens_q, seq_lens, pairs, block_size)
+    paired = pairs.paired if use_pairs else block_count  # unused unless use_pairs
     if split:
         if work.acc.shape[1] != block_size or work.acc.shape[2] != triton.next_power_of_2(d):
             raise ValueError(f"SplitWork tiles {tuple(work.acc.shape[1:])} do not fit block "
                              f"{block_size} x head dim {d}")
-        plan_splits(block_count, work)
+        plan_splits(block_count, work, paired if use_pairs else None)
         nseg_grid, seg, cap = work.capacity, work.split_blocks, work.capacity
         ws = (work.row_slot, work.segs, work.counter, work.acc, work.ml)
     else:
@@ -425,15 +357,20 @@ def sparse_prefill_paged(
     band = default_band(mqb) if band is None else band
     if band < 0:
         raise ValueError(f"band={band}; expected >= 0")
+    flags = dict(DOT_FP32=dot_fp32, Q_FP8=q_fp8, KV_FP8=kv_fp8,
+                 FP8_QK=q_fp8 and kv_fp8 and not dot_fp32, DOT_DTYPE=dot_dtype)
+    if use_pairs:  # heaviest first as well: the pair grid's band is over pairs of query blocks
+        pair_attention(q, k_cache, v_cache, descs, block_table, cu_seqlens_q, seq_lens, mqb,
+                       pairs, out, scale, block_size, band and default_band(-(-mqb // 2)), scales,
+                       flags)
     _sparse_prefill_kernel[(nseg_grid + rows,)](
         q, k_cache, v_cache, out, *(descs or (k_cache, v_cache)),
-        block_table, cu_seqlens_q, seq_lens, block_index, block_count, *ws, *scales,
+        block_table, cu_seqlens_q, seq_lens, block_index, block_count, paired, *ws, *scales,
         float(scale), mqb, mkb, bsz * hq, nseg_grid, seg, cap, band,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
         HQ=hq, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        PAGE_SIZE=page_size, BLOCK=block_size, DOT_FP32=dot_fp32, SPLIT=split, Q_FP8=q_fp8,
-        KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8 and not dot_fp32, DOT_DTYPE=dot_dtype,
-        USE_TMA=descs is not None,
+        PAGE_SIZE=page_size, BLOCK=block_size, SPLIT=split, USE_TMA=descs is not None,
+        PAIRS=use_pairs, **flags,
     )
     if split:
         combine_splits(out, cu_seqlens_q, seq_lens, mqb, work, block_size)

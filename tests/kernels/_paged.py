@@ -113,3 +113,21 @@ def assert_split_ran(work, count: torch.Tensor, split: tuple[int, int]) -> None:
     taken = int((work.row_slot[:count.numel()] >= 0).sum())
     assert n_split > 0 and 0 < taken <= n_split
     assert (taken < n_split) == (int(work.counter) > split[1])
+
+
+def overlapping_block_masks(seq_lens: list[int], n_new: list[int], hq: int, block_size: int,
+                            density: float, flip: float, device: str = "cpu",
+                            ) -> list[torch.Tensor]:
+    """:func:`random_block_masks` whose odd local query blocks copy the row before them with a
+    fraction ``flip`` of their causal blocks toggled (adjacent rows overlap, as real gates'
+    do), diagonal always on."""
+    masks = random_block_masks(seq_lens, n_new, hq, block_size, density, device)
+    for L, n, m in zip(seq_lens, n_new, masks, strict=True):
+        qb0 = (L - n) // block_size
+        kb = torch.arange(m.shape[2], device=device)
+        for j in range(1, m.shape[1], 2):
+            causal = kb <= qb0 + j
+            toggle = (torch.rand(hq, m.shape[2], device=device) < flip) & causal
+            m[:, j] = (m[:, j - 1] ^ toggle) & causal
+            m[:, j, qb0 + j] = True
+    return masks

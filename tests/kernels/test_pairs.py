@@ -1,0 +1,141 @@
+"""128-row pair tiles: the Triton planner vs its reference, and the sparse prefill with pairs vs
+the plain-PyTorch attention reference (NaN-filled outputs: an unwritten element fails)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _paged import DEVICE, assert_split_ran, make_batch, overlapping_block_masks
+from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
+from vllm_seer.kernels.sparse_prefill.pairs_naive import PairWork, plan_pairs_ref
+
+
+def _lists(lens, n_new, hq, bs, dens, flip, pad=0):
+    masks = overlapping_block_masks(lens, n_new, hq, bs, dens, flip, DEVICE)
+    return masks_to_block_lists(masks, max(-(-L // bs) for L in lens) + pad)
+
+
+def _taken(work: PairWork, pairs: int) -> torch.Tensor:
+    return work.union_count[:pairs] > 0
+
+
+@pytest.mark.parametrize("list_cap,ratio,flip", [(4, 1.25, 0.15), (8, 1.6, 0.15), (16, 1.1, 0.03)])
+def test_plan_pairs_matches_reference(list_cap: int, ratio: float, flip: float) -> None:
+    from vllm_seer.kernels.sparse_prefill.pairs import plan_pairs
+
+    # ragged: an odd number of query blocks, a chunk starting mid-block, an empty request, and
+    # lists longer than list_cap (never taken)
+    lens, n_new, hq, bs = [300, 90, 70, 260], [230, 90, 0, 130], 3, 32
+    index, count = _lists(lens, n_new, hq, bs, 0.3, flip, pad=1)
+    cu = torch.tensor([0, *n_new], device=DEVICE).cumsum(0).to(torch.int32)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    bsz, _, mqb, _ = index.shape
+    got = PairWork.allocate(bsz * hq, mqb, DEVICE, list_cap, ratio)
+    ref = PairWork.allocate(bsz * hq, mqb, DEVICE, list_cap, ratio)
+    for w in (got, ref):
+        w.union.fill_(-7)
+        w.paired.fill_(-7)
+    plan_pairs(index, count, cu, seq, got, bs)
+    plan_pairs_ref(index.cpu(), count.cpu(), cu.cpu(), seq.cpu(), ref, bs)
+    torch.testing.assert_close(got.union_count.cpu(), ref.union_count.cpu())
+    torch.testing.assert_close(got.paired.cpu(), ref.paired.cpu())
+    taken = _taken(ref, ref.union_count.numel()).cpu()
+    for pr in taken.nonzero().flatten().tolist():
+        u = int(ref.union_count[pr])
+        torch.testing.assert_close(got.union[pr, :u].cpu(), ref.union[pr, :u].cpu())
+    # both outcomes occur, and every taken pair obeys the rule
+    assert taken.any() and (~taken).any()
+    assert (count.flatten().cpu()[ref.paired.cpu() > 0] <= list_cap).all()
+
+
+def test_plan_pairs_reference_unions() -> None:
+    """The reference's union of two known lists, with its flags."""
+    index = torch.full((1, 1, 2, 6), -1, dtype=torch.int32)
+    index[0, 0, 0, :3] = torch.tensor([0, 2, 4])
+    index[0, 0, 1, :4] = torch.tensor([0, 3, 4, 5])
+    count = torch.tensor([[[3, 4]]], dtype=torch.int32)
+    cu, seq = torch.tensor([0, 128], dtype=torch.int32), torch.tensor([384], dtype=torch.int32)
+    w = PairWork.allocate(1, 2, "cpu", 4, 1.5)
+    plan_pairs_ref(index, count, cu, seq, w, 64)
+    assert w.union_count.tolist() == [5] and w.paired.tolist() == [1, 1]
+    assert w.union[0, :5].tolist() == [0 * 4 + 3, 2 * 4 + 1, 3 * 4 + 2, 4 * 4 + 3, 5 * 4 + 2]
+    w = PairWork.allocate(1, 2, "cpu", 4, 1.4)  # 2 * 5 > 1.4 * 7: not taken
+    plan_pairs_ref(index, count, cu, seq, w, 64)
+    assert w.union_count.tolist() == [0] and w.paired.tolist() == [0, 0]
+
+
+def test_pair_work_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="list_cap=6"):
+        PairWork.allocate(2, 4, "cpu", 6)
+    with pytest.raises(ValueError, match="max_ratio=0.9"):
+        PairWork.allocate(2, 4, "cpu", 8, 0.9)
+    with pytest.raises(ValueError, match="holds 2 pairs"):
+        PairWork.allocate(1, 4, "cpu", 8).check(2, 4)
+
+
+def _run(case: tuple, dtype: torch.dtype, list_cap: int = 8, ratio: float = 1.5,
+         split: tuple[int, int] | None = None, **kernel_kw) -> PairWork:
+    from vllm_seer.kernels.sparse_prefill import sparse_prefill_paged
+    from vllm_seer.kernels.sparse_prefill.split import SplitWork
+
+    lens, n_new, hq, hkv, d, page, layout, bs, dens, flip = case
+    batch = make_batch(lens, n_new, hq, hkv, d, page, dtype, layout, DEVICE)
+    index, count = _lists(lens, n_new, hq, bs, dens, flip)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu_seqlens_q,
+            batch.seq_lens, index, count)
+    scale = 1.0 / math.sqrt(d)
+    ref = sparse_prefill_paged_ref(*args, torch.full_like(batch.q, float("nan")), scale, bs)
+    bsz, _, mqb, mkb = index.shape
+    pairs = PairWork.allocate(bsz * hq, mqb, DEVICE, list_cap, ratio)
+    work = None
+    if split is not None:
+        work = SplitWork.allocate(index.numel() // mkb, d, DEVICE, bs, capacity=split[1],
+                                  split_blocks=split[0])
+    out = torch.full_like(batch.q, float("nan"))
+    sparse_prefill_paged(*args, out, scale, bs, work=work, pairs=pairs, **kernel_kw)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    taken = _taken(pairs, bsz * hq * -(-mqb // 2))
+    assert taken.any() and (~taken).any()  # both tiles ran
+    if work is not None:
+        assert_split_ran(work, count.flatten().masked_fill(pairs.paired[:count.numel()] > 0, 0),
+                         split)
+    return pairs
+
+
+# (seq_lens, n_new, Hq, Hkv, D, page_size, layout, block_size, density, flip)
+CPU_CASES = {
+    "ragged-chunked-gqa2-p16": ([330, 64, 200], [200, 64, 131], 4, 2, 64, 16, "token", 32, 0.4,
+                                0.1),
+    "head-major-p32-mha": ([260, 97], [260, 40], 2, 2, 64, 32, "head", 32, 0.5, 0.2),
+    "tma-nhd-p64-gqa4": ([300, 131], [170, 131], 4, 1, 64, 64, "nhd", 64, 0.5, 0.1),
+}
+
+
+@pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
+def test_sparse_prefill_pairs_match_reference(case: tuple) -> None:
+    _run(case, torch.float16)
+
+
+@pytest.mark.parametrize("band", [0, 1, 3])
+def test_sparse_prefill_pairs_with_split_rows(band: int) -> None:
+    # split rows (lists > 3 blocks) beside pairs: the split plan never slices a paired row
+    _run(([400, 150], [300, 150], 4, 2, 64, 16, "token", 32, 0.6, 0.1), torch.float16,
+         list_cap=16, split=(3, 4096), band=band)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_prefill_pairs_gpu(dtype: torch.dtype, tma: bool) -> None:
+    # Llama shapes: a 4k chunk over 12k of context in vLLM's packed K|V rows on 64-token pages,
+    # a second request prefilled whole; long rows split, pairs up to 256 entries
+    _run(([12288, 3000], [4096, 3000], 32, 8, 128, 64, "nhd", 64, 0.1, 0.15), dtype,
+         list_cap=256, ratio=1.25, split=(128, 512), tma=tma)
+
+
+@pytest.mark.gpu
+def test_sparse_prefill_pairs_gpu_pointer_pages() -> None:
+    _run(([9000, 777], [2048, 700], 9, 3, 64, 16, "token", 64, 0.2, 0.1), torch.bfloat16,
+         list_cap=128, ratio=1.3)
