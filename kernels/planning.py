@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from vllm_seer.kernels.sparse_prefill.pairs_naive import PairWork
 from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
 from vllm_seer.gate import Selection, topk_count
@@ -70,6 +71,7 @@ class SeerBuffers:
     scores: torch.Tensor  # [B * Hq * MQB * MKB] fp32 workspace of block_select
     split: SplitWork | None = None  # long-row slices of sparse_prefill (None: no row can be long)
     topk: torch.Tensor | None = None  # [B] int32 per-request top-k k (set_topk), else per call
+    pairs: PairWork | None = None  # 128-row pair tiles of sparse_prefill (None: 64-row only)
 
     def set_topk(self, seq_lens: list[int], sel: Selection) -> None:
         """Per-request ``k`` of ``nz_ratio`` top-k from host ``seq_lens``, once per step (an
@@ -86,16 +88,20 @@ class SeerBuffers:
     @classmethod
     def allocate(cls, plan: SeerPlan, hq: int, hkv: int, head_dim: int,
                  device: torch.device | str, split_blocks: int = 128,
-                 split_capacity: int = 2048) -> SeerBuffers:
+                 split_capacity: int = 2048, pair_max_ratio: float = 0.0,
+                 pair_list_cap: int = 256) -> SeerBuffers:
         """``split_blocks`` / ``split_capacity``: see :class:`SplitWork` (its partials take
         ``split_capacity * block * head_dim * 4`` bytes, only when a row can exceed
-        ``split_blocks``)."""
+        ``split_blocks``). ``pair_max_ratio`` / ``pair_list_cap``: see :class:`PairWork` (0: no
+        pair tiles)."""
         b, mqb, mkb = plan.num_reqs, plan.max_qblocks, plan.max_kblocks
         f32 = dict(dtype=torch.float32, device=device)
-        split = None
+        split = pairs = None
         if mkb > split_blocks:
             split = SplitWork.allocate(b * hq * mqb, head_dim, device, plan.block_size,
                                        split_capacity, split_blocks)
+        if pair_max_ratio and mqb >= 2:
+            pairs = PairWork.allocate(b * hq, mqb, device, pair_list_cap, pair_max_ratio)
         return cls(
             plan,
             torch.empty(b, mqb, hq, head_dim, **f32),
@@ -104,6 +110,7 @@ class SeerBuffers:
             torch.empty(b, hq, mqb, dtype=torch.int32, device=device),
             torch.empty(b * hq * mqb * mkb, **f32),
             split,
+            pairs=pairs,
         )
 
 
@@ -153,7 +160,7 @@ def seer_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return sparse_prefill_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
                                 bufs.block_index, bufs.block_count, out, scale,
                                 bufs.plan.block_size, bufs.split, q_scale=q_scale,
-                                k_scale=k_scale, v_scale=v_scale)
+                                k_scale=k_scale, v_scale=v_scale, pairs=bufs.pairs)
 
 
 SELECT_WARM_QBLOCKS = 128  # query blocks of vLLM's default 8192-token prefill chunk
@@ -176,7 +183,7 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
             grouped_weight: torch.Tensor | None = None, *, kv_dtype: torch.dtype | None = None,
             out_dtype: torch.dtype | None = None,
             kv_views: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-            rope_positions: torch.Tensor | None = None) -> None:
+            rope_positions: torch.Tensor | None = None, pair_max_ratio: float = 0.0) -> None:
     """Compile and autotune every Seer kernel variant a request can need, on synthetic inputs.
 
     Autotuned configs are keyed by head dim, page and block size only, and the sizes that change
@@ -197,6 +204,7 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
             separate caches); ``None``: separate contiguous K and V caches.
         rope_positions: the per-position cos/sin table the backend passes to :func:`seer_gate`
             (its pooling variant is compiled with it).
+        pair_max_ratio: the backend's (its buffers' pair tiles are compiled and autotuned too).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
@@ -223,7 +231,8 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         q = torch.randn(n, hq, head_dim, device=dev).to(q_dtype)
         cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
         lens = cu[1:].clone()
-        bufs = SeerBuffers.allocate(plan_batch([0, n], [n], block_size), hq, hkv, head_dim, dev)
+        bufs = SeerBuffers.allocate(plan_batch([0, n], [n], block_size), hq, hkv, head_dim, dev,
+                                    pair_max_ratio=pair_max_ratio)
         bufs.set_topk([n], sel)
         seer_gate(q, k_cache, block_table, cu, lens, weight, inv_freq, sel, bufs, rope_table,
                   grouped_weight, q_scale=q_scale, k_scale=kv_scale,
@@ -231,7 +240,7 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
                              bufs.block_count, torch.empty(q.shape, dtype=out_dtype, device=dev),
                              1.0 / head_dim ** 0.5, block_size, bufs.split, q_scale=q_scale,
-                             k_scale=kv_scale, v_scale=kv_scale)
+                             k_scale=kv_scale, v_scale=kv_scale, pairs=bufs.pairs)
     for mkb in select_widths(max_blocks):
         # a chunk of up to SELECT_WARM_QBLOCKS query blocks at the end of an mkb-block context:
         # the selection is autotuned per row width on as many rows as a long chunk gives

@@ -27,6 +27,10 @@ ADDITIONAL_CONFIG_KEY = "seer"
 # kernels of 2026-11-22 had put it at 16k). Only nz_ratio 0.1 was swept: a denser setting may
 # cross over later (set ``min_prefill_tokens`` then)
 DEFAULT_MIN_PREFILL_TOKENS = {"cpu": 2048, "cuda": 4096}
+# default of ``pair_max_ratio``: two adjacent query blocks of a head run as one 128-row tile over
+# the union of their lists when 2 |A u B| <= ratio * (|A| + |B|) (CUDA kernels only; see
+# kernels/sparse_prefill/pairs.py and benchmarks/results/pair-variants-*.md for the measurement)
+DEFAULT_PAIR_MAX_RATIO = 1.25
 
 # key -> (checkpoint config.json field or None, documentation)
 KEYS: dict[str, tuple[str | None, str]] = {
@@ -38,6 +42,9 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "min_prefill_tokens": (None, "prefills whose context is shorter stay on the dense path (>= 0; "
                                  "default 2048 on CPU, 4096 on CUDA)"),
     "dense_layers": (None, "list of layer indices that always stay dense"),
+    "pair_max_ratio": (None, "CUDA: run two adjacent query blocks as one 128-row tile when their "
+                             "union costs at most this times their own work (0: never; else in "
+                             f"[1, 2]; default {DEFAULT_PAIR_MAX_RATIO})"),
 }
 
 
@@ -56,6 +63,8 @@ class SeerConfig:
         min_prefill_tokens: prefill rows whose context (``seq_len``) is shorter stay dense;
             ``None`` until :meth:`for_device` picks the device's default.
         dense_layers: layers that never take the sparse path.
+        pair_max_ratio: work ratio up to which the CUDA kernels run two adjacent query blocks
+            as one 128-row tile (0: never).
     """
 
     gates: Path
@@ -63,6 +72,7 @@ class SeerConfig:
     selection: Selection
     min_prefill_tokens: int | None = None
     dense_layers: frozenset[int] = field(default_factory=frozenset)
+    pair_max_ratio: float = DEFAULT_PAIR_MAX_RATIO
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> SeerConfig:
@@ -120,7 +130,12 @@ class SeerConfig:
         if n_layers is not None and any(i >= int(n_layers) for i in dense):
             raise SeerConfigError(f"seer setting 'dense_layers' {dense} names a layer >= "
                                   f"num_hidden_layers={n_layers}")
-        return cls(folder, source, selection, min_tokens, frozenset(dense))
+        pair_ratio = merged.get("pair_max_ratio", DEFAULT_PAIR_MAX_RATIO)
+        if (isinstance(pair_ratio, bool) or not isinstance(pair_ratio, int | float)
+                or not (pair_ratio == 0 or 1 <= pair_ratio <= 2)):
+            raise SeerConfigError(f"seer setting 'pair_max_ratio' must be 0 (no pair tiles) or a "
+                                  f"number in [1, 2], got {pair_ratio!r}")
+        return cls(folder, source, selection, min_tokens, frozenset(dense), float(pair_ratio))
 
     def for_device(self, device_type: str) -> SeerConfig:
         """This config with ``min_prefill_tokens`` set (the device's default when not given)."""
@@ -139,6 +154,7 @@ class SeerConfig:
             "nz_ratio": f"{s.nz_ratio:g}" if s.method == "nz_ratio" else "",
             "min_prefill_tokens": str(self.min_prefill_tokens),
             "last_block_dense": str(s.last_block_dense).lower(),
+            "pair_max_ratio": f"{self.pair_max_ratio:g}",
         }
 
 

@@ -35,6 +35,7 @@ DEV = "cpu" if DRY else "cuda"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import BS, MODELS, _bench, _gate_tables, _paged_kv, _seer_lists  # noqa: E402
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate  # noqa: E402
+from vllm_seer.kernels.sparse_prefill.pairs import plan_pairs  # noqa: E402
 from vllm_seer.kernels.sparse_prefill.pairs_naive import PairWork  # noqa: E402
 from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged  # noqa: E402
 
@@ -109,13 +110,15 @@ def run(L: int, rows: int, kinds: list[str], densities: list[float], ratios: lis
                 paired()
                 err = float((o.float() - o_ref.float()).norm() / o_ref.float().norm())
                 t = time_it(paired, rep)
+                t_plan = time_it(lambda ix=index, ct=count, w=work: plan_pairs(
+                    ix, ct, cu, lens, w, BS), rep)
                 npairs = hq * -(-nqb // 2)
                 uc = work.union_count[:npairs].double()
                 ca = count.flatten().double()
                 taken_rows = work.paired[:hq * nqb].double()
                 own = float((ca * taken_rows).sum())
                 row["pairs"][str(r)] = dict(
-                    ms=t, x=t0 / t, paired_rows=float(taken_rows.mean()),
+                    ms=t, plan_ms=t_plan, x=t0 / t, paired_rows=float(taken_rows.mean()),
                     work_ratio=float(2 * uc.sum() / own) if own else float("nan"), rel_err=err)
             print(json.dumps(row), flush=True)
             out.append(row)
@@ -145,14 +148,20 @@ def main() -> None:
         if a.chunk and a.chunk < L:
             rows += run(L, a.chunk, kinds, dens, ratios, a.rep, a.real)
     print(f"{'L':>7} {'case':>6} {'kind':>10} {'dens':>5} {'rows ms':>8} "
-          + " ".join(f"{'r' + str(r):>22}" for r in ratios))
+          + " ".join(f"{'r' + str(r) + ' ms x paired plan':>29}" for r in ratios))
     for r in rows:
-        cells = " ".join(f"{p['ms']:7.3f} {p['x']:5.2f}x {p['paired_rows']:4.2f}p"
+        cells = " ".join(f"{p['ms']:7.3f} {p['x']:5.2f}x {p['paired_rows']:4.2f}p "
+                         f"{p['plan_ms']:6.3f}"
                          for p in r["pairs"].values())
         print(f"{r['L']:>7} {r['case']:>6} {r['kind']:>10} {r['density']:5.3f} "
               f"{r['ms_rows']:8.3f} {cells}")
     if a.json:
+        from vllm_seer.kernels.sparse_prefill import pairs as pr
+        from vllm_seer.kernels.sparse_prefill import triton as sp
+
         meta = dict(device="cpu (dry run)" if DRY else torch.cuda.get_device_name(),
+                    pair_config=str(getattr(pr._pair_kernel, "best_config", None)),
+                    rows_config=str(getattr(sp._sparse_prefill_kernel, "best_config", None)),
                     torch=torch.__version__,
                     triton=__import__("triton").__version__)
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -37,16 +37,32 @@ from vllm_seer.kernels.sparse_prefill.tiles import (
 from vllm_seer.kernels.triton_common import request_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-PLAN_CHUNK = 64  # B-list entries compared against all of A's per step of the planner
+
+
+@triton.jit
+def _lower_bound(base, n, x, LOG: tl.constexpr):
+    """``[S]`` int32: for each ``x``, how many of the ``n`` ascending entries at ``base`` are
+    ``< x`` (binary search, ``LOG`` halvings cover ``n <= 2 ** (LOG - 1)``)."""
+    lo = tl.zeros_like(x)
+    hi = lo + n
+    for _ in tl.static_range(LOG):
+        live = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(base + mid, mask=live, other=0)
+        right = live & (v < x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(live & ~right, mid, hi)
+    return lo
 
 
 @triton.jit(do_not_specialize=["MQB", "MKB", "MQP"])
 def _pair_plan_kernel(idx_ptr, cnt_ptr, cu_ptr, lens_ptr, union_ptr, ucnt_ptr, paired_ptr,
                       ratio, MQB, MKB, MQP, HQ: tl.constexpr, S: tl.constexpr,
-                      CH: tl.constexpr, BLOCK: tl.constexpr):
-    # one program per pair (b, h, p): rows j = 2p (A) and 2p + 1 (B). Union ranks by counting:
-    # A's entry i lands at i + #{B-only entries < a_i}; a B-only entry j at
-    # #{A entries < b_j} + #{B-only entries before it}
+                      LOG: tl.constexpr, BLOCK: tl.constexpr):
+    # one program per pair (b, h, p): rows j = 2p (list A) and 2p + 1 (list B). With
+    # lb_i = #{b < a_i} and la_j = #{a < b_j} (binary searches) the union ranks are
+    #   a_i:           i + lb_i - #{common entries before a_i}
+    #   b_j not in A:  la_j + j - #{common entries before b_j}
     pair = tl.program_id(0)
     p = pair % MQP
     bh = pair // MQP
@@ -60,26 +76,24 @@ def _pair_plan_kernel(idx_ptr, cnt_ptr, cu_ptr, lens_ptr, union_ptr, ucnt_ptr, p
     u = c_a * 0
     if valid:
         out = union_ptr + pair.to(tl.int64) * (2 * S)
+        list_a = idx_ptr + row_a * MKB
+        list_b = list_a + MKB
         offs = tl.arange(0, S)
         a_ok = offs < c_a
-        a = tl.load(idx_ptr + row_a * MKB + offs, mask=a_ok, other=-1)
-        rank_a = offs
-        in_b = tl.zeros([S], dtype=tl.int32)
-        n_only = c_a * 0
-        for c0 in range(0, c_b, CH):
-            offs_c = c0 + tl.arange(0, CH)
-            c_ok = offs_c < c_b
-            bc = tl.load(idx_ptr + (row_a + 1) * MKB + offs_c, mask=c_ok, other=-2)
-            eq = ((a[:, None] == bc[None, :]) & a_ok[:, None] & c_ok[None, :]).to(tl.int32)
-            in_b = tl.maximum(in_b, tl.max(eq, 1))
-            only = (c_ok & (tl.max(eq, 0) == 0)).to(tl.int32)
-            rank_a += tl.sum(((bc[None, :] < a[:, None]) & (only[None, :] > 0)).to(tl.int32), 1)
-            a_less = tl.sum(((a[:, None] < bc[None, :]) & a_ok[:, None]).to(tl.int32), 0)
-            rank_b = n_only + tl.cumsum(only, 0) - only + a_less
-            tl.store(out + rank_b, bc * 4 + 2, mask=only > 0)
-            n_only += tl.sum(only, 0)
+        b_ok = offs < c_b
+        a = tl.load(list_a + offs, mask=a_ok, other=0)
+        bb = tl.load(list_b + offs, mask=b_ok, other=0)
+        lb = _lower_bound(list_b, c_b, a, LOG)
+        la = _lower_bound(list_a, c_a, bb, LOG)
+        in_b = (a_ok & (lb < c_b) & (tl.load(list_b + lb, mask=a_ok & (lb < c_b), other=-1)
+                                       == a)).to(tl.int32)
+        in_a = (b_ok & (la < c_a) & (tl.load(list_a + la, mask=b_ok & (la < c_a), other=-1)
+                                       == bb)).to(tl.int32)
+        rank_a = offs + lb - (tl.cumsum(in_b, 0) - in_b)
+        rank_b = la + offs - (tl.cumsum(in_a, 0) - in_a)
         tl.store(out + rank_a, a * 4 + 1 + 2 * in_b, mask=a_ok)
-        u = c_a + n_only
+        tl.store(out + rank_b, bb * 4 + 2, mask=b_ok & (in_a == 0))
+        u = c_a + c_b - tl.sum(in_b, 0)
         take = (2 * u).to(tl.float32) <= ratio * (c_a + c_b).to(tl.float32)
         u = tl.where(take, u, 0)
     tl.store(ucnt_ptr + pair, u)
@@ -97,7 +111,7 @@ def plan_pairs(block_index: torch.Tensor, block_count: torch.Tensor,
     s = work.list_cap
     _pair_plan_kernel[(bsz * hq * mqp,)](
         block_index, block_count, cu_seqlens_q, seq_lens, work.union, work.union_count,
-        work.paired, work.max_ratio, mqb, mkb, mqp, HQ=hq, S=s, CH=min(PLAN_CHUNK, s),
+        work.paired, work.max_ratio, mqb, mkb, mqp, HQ=hq, S=s, LOG=s.bit_length(),
         BLOCK=block_size, num_warps=4)
 
 

@@ -130,9 +130,10 @@ def test_sparse_prefill_pairs_with_split_rows(band: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sparse_prefill_pairs_gpu(dtype: torch.dtype, tma: bool) -> None:
     # Llama shapes: a 4k chunk over 12k of context in vLLM's packed K|V rows on 64-token pages,
-    # a second request prefilled whole; long rows split, pairs up to 256 entries
+    # a second request prefilled whole; rows over 128 entries (the dense last rows) split, pairs
+    # up to 128 entries
     _run(([12288, 3000], [4096, 3000], 32, 8, 128, 64, "nhd", 64, 0.1, 0.15), dtype,
-         list_cap=256, ratio=1.25, split=(128, 512), tma=tma)
+         list_cap=128, ratio=1.25, split=(100, 512), tma=tma)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ from vllm_seer.checkpoint import (
     load_gates,
     save_gates,
 )
-from vllm_seer.config import SeerConfig, SeerConfigError
+from vllm_seer.config import DEFAULT_PAIR_MAX_RATIO, SeerConfig, SeerConfigError
 from vllm_seer.tiny_model import build_random_gates
 
 
@@ -115,10 +115,13 @@ def test_null_kv_heads_means_multi_head(gates):
 def test_config_defaults_from_checkpoint_and_overrides(gates):
     cfg = SeerConfig.from_dict({"gates": str(gates)})
     assert cfg.selection.method == "nz_ratio" and cfg.selection.nz_ratio == 0.2
+    assert cfg.pair_max_ratio == DEFAULT_PAIR_MAX_RATIO
     assert cfg.gates == gates.resolve()
     cfg = SeerConfig.from_dict({"gates": str(gates), "sparsity_method": "threshold",
                                 "threshold": 2e-3, "dense_layers": [1],
-                                "min_prefill_tokens": 0, "last_block_dense": False})
+                                "min_prefill_tokens": 0, "last_block_dense": False,
+                                "pair_max_ratio": 0})
+    assert cfg.pair_max_ratio == 0.0
     assert cfg.selection.method == "threshold" and cfg.selection.threshold == 2e-3
     assert cfg.dense_layers == frozenset({1}) and cfg.min_prefill_tokens == 0
     assert not cfg.selection.last_block_dense
@@ -134,6 +137,9 @@ def test_config_defaults_from_checkpoint_and_overrides(gates):
     ({"min_prefill_tokens": -1}, "'min_prefill_tokens' must be an integer >= 0"),
     ({"dense_layers": [0, "1"]}, "'dense_layers' must be a list"),
     ({"dense_layers": [7]}, "names a layer >= num_hidden_layers=2"),
+    ({"pair_max_ratio": 0.5}, r"'pair_max_ratio' must be 0 \(no pair tiles\) or a number in"),
+    ({"pair_max_ratio": 2.5}, r"'pair_max_ratio' must be 0"),
+    ({"pair_max_ratio": True}, r"'pair_max_ratio' must be 0"),
 ])
 def test_config_refuses_bad_values(gates, extra, message):
     with pytest.raises(SeerConfigError, match=message):

@@ -85,7 +85,8 @@ class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
             cu = list(itertools.accumulate(plan.query_lens, initial=0))
             lens = [c + n for c, n in zip(plan.context_lens, plan.query_lens, strict=True)]
             md.bufs = SeerBuffers.allocate(plan_batch(cu, lens, rt.block_size), rt.num_heads,
-                                           rt.num_kv_heads, rt.head_dim, self.device)
+                                           rt.num_kv_heads, rt.head_dim, self.device,
+                                           pair_max_ratio=rt.config.pair_max_ratio)
             md.bufs.set_topk(lens, rt.config.selection)
         return md
 
@@ -135,7 +136,8 @@ class SeerCUDAImpl(FlashAttentionImpl):
                     rt.weights[layer], rt.inv_freq, rt.config.selection, max_blocks,
                     rt.inv_freq.device, rt.block_size, WARMUP_TOKENS, rt.block_rope,
                     rt.grouped_weights[layer], kv_dtype=kv_dtype, out_dtype=out_dtype,
-                    kv_views=kv_views, rope_positions=rt.token_rope)
+                    kv_views=kv_views, rope_positions=rt.token_rope,
+                    pair_max_ratio=rt.config.pair_max_ratio)
         torch.cuda.synchronize()
         SeerCUDAImpl.warmed_pages = tuple(self._page_sizes)
         logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic prefills on %s-token "
@@ -179,7 +181,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         t1 = timer.mark()
         sparse_prefill_paged(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
                              plan.seq_lens, bufs.block_index, bufs.block_count, out, self.scale,
-                             bufs.plan.block_size, bufs.split, **scales)
+                             bufs.plan.block_size, bufs.split, pairs=bufs.pairs, **scales)
         t2 = timer.mark()
         if span is None:
             output.index_copy_(0, plan.token_rows, out)
