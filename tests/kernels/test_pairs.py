@@ -140,3 +140,33 @@ def test_sparse_prefill_pairs_gpu(dtype: torch.dtype, tma: bool) -> None:
 def test_sparse_prefill_pairs_gpu_pointer_pages() -> None:
     _run(([9000, 777], [2048, 700], 9, 3, 64, 16, "token", 64, 0.2, 0.1), torch.bfloat16,
          list_cap=128, ratio=1.3)
+
+
+@pytest.mark.parametrize("q_fp8", [False, True])
+def test_sparse_prefill_pairs_fp8_cache(q_fp8: bool) -> None:
+    """Pair tiles over a float8 cache (and a float8 query): the scales fold as in the 64-row
+    kernel (v_scale once on the accumulator)."""
+    from _paged import fp8_batch
+    from vllm_seer.kernels.sparse_prefill import sparse_prefill_paged
+
+    k_s, v_s, q_s = 0.03, 0.015, 0.04
+    lens, n_new, hq, hkv, d, page, layout, bs = [260, 131], [200, 131], 4, 2, 64, 64, "nhd", 32
+    base = make_batch(lens, n_new, hq, hkv, d, page, torch.float32, layout, DEVICE)
+    base.k_cache.mul_(2.0)
+    batch = fp8_batch(base, k_s, v_s, q_s if q_fp8 else None)
+    q = batch.q if q_fp8 else batch.q.to(torch.float16)
+    index, count = _lists(lens, n_new, hq, bs, 0.4, 0.1)
+    dev = torch.device(DEVICE)
+    scales = dict(k_scale=torch.tensor(k_s, device=dev), v_scale=torch.tensor(v_s, device=dev))
+    if q_fp8:
+        scales["q_scale"] = torch.tensor([q_s], device=dev)
+    args = (q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu_seqlens_q,
+            batch.seq_lens, index, count)
+    nan = torch.full(q.shape, float("nan"), dtype=torch.float16, device=dev)
+    ref = sparse_prefill_paged_ref(*args, nan.clone(), 0.125, bs, **scales)
+    bsz, _, mqb, _ = index.shape
+    pairs = PairWork.allocate(bsz * hq, mqb, DEVICE, 8, 1.5)
+    out = sparse_prefill_paged(*args, nan.clone(), 0.125, bs, pairs=pairs, **scales)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    taken = _taken(pairs, bsz * hq * -(-mqb // 2))
+    assert taken.any() and (~taken).any()
