@@ -35,6 +35,7 @@ DEV = "cpu" if DRY else "cuda"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import BS, MODELS, _bench, _gate_tables, _paged_kv, _seer_lists  # noqa: E402
 from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate  # noqa: E402
+from vllm_seer.kernels.sparse_prefill import pairs as pr  # noqa: E402
 from vllm_seer.kernels.sparse_prefill.pairs import plan_pairs  # noqa: E402
 from vllm_seer.kernels.sparse_prefill.pairs_naive import PairWork  # noqa: E402
 from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged  # noqa: E402
@@ -65,13 +66,18 @@ def _lists(kind: str, dens: float, L: int, rows: int, q, k_cache, bt, real: str)
     return index[:, :, -mq:].contiguous(), count[:, :, -mq:].contiguous(), bufs
 
 
+PAIR_CONFIGS = list(pr._pair_kernel.configs)
+
+
 def time_it(fn, rep: int) -> float:
     """``do_bench`` mean in ms (NaN in a dry run)."""
     return float("nan") if DRY else _bench(fn, rep)
 
 
 def run(L: int, rows: int, kinds: list[str], densities: list[float], ratios: list[float],
-        rep: int, real: str) -> list[dict]:
+        rep: int, real: str, stages: list[int | None]) -> list[dict]:
+    """``stages``: pin the pair kernel to its autotune config of that many stages (``None``: let
+    it autotune, on the first call of each process)."""
     hq, hkv, d, _ = MODELS["llama3.1-8b"]
     dev = DEV
     q = torch.randn(L, hq, d, dtype=torch.bfloat16, device=dev)
@@ -99,7 +105,9 @@ def run(L: int, rows: int, kinds: list[str], densities: list[float], ratios: lis
                        target=dens, density=float(count.double().sum()
                                                   / (hq * (nqb * (L // BS) - nqb * (nqb - 1) / 2))),
                        ms_rows=t0, pairs={})
-            for r in ratios:
+            for r, st in ((r, st) for r in ratios for st in stages):
+                pinned = [c for c in PAIR_CONFIGS if st is None or c.num_stages == st]
+                pr._pair_kernel.configs, pr._pair_kernel.cache = pinned, {}
                 work = PairWork.allocate(hq, nqb, dev, 256, r)
                 o = torch.empty_like(qs)
 
@@ -117,7 +125,7 @@ def run(L: int, rows: int, kinds: list[str], densities: list[float], ratios: lis
                 ca = count.flatten().double()
                 taken_rows = work.paired[:hq * nqb].double()
                 own = float((ca * taken_rows).sum())
-                row["pairs"][str(r)] = dict(
+                row["pairs"][f"{r}" if st is None else f"{r}/s{st}"] = dict(
                     ms=t, plan_ms=t_plan, x=t0 / t, paired_rows=float(taken_rows.mean()),
                     work_ratio=float(2 * uc.sum() / own) if own else float("nan"), rel_err=err)
             print(json.dumps(row), flush=True)
@@ -133,6 +141,9 @@ def main() -> None:
     ap.add_argument("--kinds", default="random,structured,real")
     ap.add_argument("--densities", default="0.1,0.05")
     ap.add_argument("--ratios", default="1.1,1.25,1.5")
+    ap.add_argument("--stages", default="",
+                    help="comma list: time the pair kernel pinned to each autotune config of that "
+                         "many stages (default: autotuned once)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     ap.add_argument("--real", default=str(Path(__file__).resolve().parents[1] / "data"
                                           / "smollm2-selections-8k.safetensors"))
@@ -142,13 +153,15 @@ def main() -> None:
     kinds = a.kinds.split(",")
     dens = [float(x) for x in a.densities.split(",")]
     ratios = [float(x) for x in a.ratios.split(",")]
+    stages = [int(x) for x in a.stages.split(",")] if a.stages else [None]
     rows = []
     for L in (int(x) for x in a.seqs.split(",")):
-        rows += run(L, L, kinds, dens, ratios, a.rep, a.real)
+        rows += run(L, L, kinds, dens, ratios, a.rep, a.real, stages)
         if a.chunk and a.chunk < L:
-            rows += run(L, a.chunk, kinds, dens, ratios, a.rep, a.real)
+            rows += run(L, a.chunk, kinds, dens, ratios, a.rep, a.real, stages)
     print(f"{'L':>7} {'case':>6} {'kind':>10} {'dens':>5} {'rows ms':>8} "
-          + " ".join(f"{'r' + str(r) + ' ms x paired plan':>29}" for r in ratios))
+          + " ".join(f"{'r' + str(r) + ('' if st is None else f'/s{st}') + ' ms x paired plan':>29}"
+                     for r in ratios for st in stages))
     for r in rows:
         cells = " ".join(f"{p['ms']:7.3f} {p['x']:5.2f}x {p['paired_rows']:4.2f}p "
                          f"{p['plan_ms']:6.3f}"
@@ -156,7 +169,6 @@ def main() -> None:
         print(f"{r['L']:>7} {r['case']:>6} {r['kind']:>10} {r['density']:5.3f} "
               f"{r['ms_rows']:8.3f} {cells}")
     if a.json:
-        from vllm_seer.kernels.sparse_prefill import pairs as pr
         from vllm_seer.kernels.sparse_prefill import triton as sp
 
         meta = dict(device="cpu (dry run)" if DRY else torch.cuda.get_device_name(),
