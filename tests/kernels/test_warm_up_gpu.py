@@ -17,23 +17,26 @@ import pytest
 import torch
 from _paged import fp8_batch, make_batch
 
+from vllm_seer.config import DEFAULT_PAIR_MAX_RATIO
 from vllm_seer.gate import Selection, block_rope_table, group_gate_weight
 from vllm_seer.rope import RopeSpec
 
 pytestmark = pytest.mark.gpu
 
 HQ, HKV, D, BS = 32, 8, 128, 64
+PAIR_RATIO = DEFAULT_PAIR_MAX_RATIO  # the backend's pair tiles
 MAX_BLOCKS = 2048  # a 128k-token max_model_len
 
 
 def _jit_functions() -> list:
     from vllm_seer.kernels.block_select import triton as bsel
     from vllm_seer.kernels.paged_pool import triton as pool
-    from vllm_seer.kernels.sparse_prefill import split
+    from vllm_seer.kernels.sparse_prefill import pairs, split
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
     return [bsel._scores_kernel, bsel._select_kernel, pool._pool_qk_kernel,
-            sp._sparse_prefill_kernel, split._plan_kernel, split._combine_kernel]
+            sp._sparse_prefill_kernel, split._plan_kernel, split._combine_kernel,
+            pairs._pair_plan_kernel, pairs._pair_kernel]
 
 
 def _unwrap(fn):
@@ -86,7 +89,8 @@ def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: to
     if fp8:
         b = fp8_batch(b, 0.03, 0.03, 0.03)
         scales = {f"{n}_scale": torch.tensor(0.03, device=dev) for n in "qkv"}
-    bufs = SeerBuffers.allocate(plan_batch(b.cu_seqlens_q.tolist(), lens, BS), HQ, HKV, D, dev)
+    bufs = SeerBuffers.allocate(plan_batch(b.cu_seqlens_q.tolist(), lens, BS), HQ, HKV, D, dev,
+                                pair_max_ratio=PAIR_RATIO)
     bufs.set_topk(lens, sel)
     seer_gate(b.q, b.k_cache, b.block_table, b.cu_seqlens_q, b.seq_lens, weight, inv, sel,
               bufs, table, grouped, q_scale=scales.get("q_scale"), k_scale=scales.get("k_scale"),
@@ -94,7 +98,7 @@ def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: to
     out = torch.full(b.q.shape, float("nan"), dtype=torch.bfloat16, device=dev)
     sparse_prefill_paged(b.q, b.k_cache, b.v_cache, b.block_table, b.cu_seqlens_q, b.seq_lens,
                          bufs.block_index, bufs.block_count, out, 1.0 / math.sqrt(D), BS,
-                         bufs.split, **scales)
+                         bufs.split, pairs=bufs.pairs, **scales)
     torch.cuda.synchronize()
     assert not out.isnan().any(), (lens, news)
 
@@ -133,7 +137,7 @@ def test_no_compile_after_warm_up(page: int, fp8: bool, layout: str, sel: Select
 
     warm_up(f8 if fp8 else torch.bfloat16, HQ, HKV, D, page, weight, inv, sel, MAX_BLOCKS, "cuda",
             BS, 16384, table, grouped, kv_dtype=f8 if fp8 else None, out_dtype=torch.bfloat16,
-            kv_views=views, rope_positions=positions)
+            kv_views=views, rope_positions=positions, pair_max_ratio=PAIR_RATIO)
     torch.cuda.synchronize()
     before = _counts()
     assert all(c > 0 for c, _ in before.values()), f"the warm-up left kernels unbuilt: {before}"
@@ -155,7 +159,7 @@ def test_counter_sees_an_unwarmed_variant() -> None:
     weight, inv, table, grouped = _gate_inputs()
     _forget_compiled()
     warm_up(torch.bfloat16, HQ, HKV, D, 64, weight, inv, sel, 256, "cuda", BS, 16384, table,
-            grouped)
+            grouped, pair_max_ratio=PAIR_RATIO)
     torch.cuda.synchronize()
     before = _counts()
     _run([131072], [8192], 64, sel, weight, inv, table, grouped)
