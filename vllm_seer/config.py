@@ -28,9 +28,11 @@ ADDITIONAL_CONFIG_KEY = "seer"
 # cross over later (set ``min_prefill_tokens`` then)
 DEFAULT_MIN_PREFILL_TOKENS = {"cpu": 2048, "cuda": 4096}
 # default of ``pair_max_ratio``: two adjacent query blocks of a head run as one 128-row tile over
-# the union of their lists when 2 |A u B| <= ratio * (|A| + |B|) (CUDA kernels only; see
-# kernels/sparse_prefill/pairs.py and benchmarks/results/pair-variants-*.md for the measurement)
-DEFAULT_PAIR_MAX_RATIO = 1.25
+# the union of their lists when 2 |A u B| <= ratio * (|A| + |B|) (CUDA kernels only,
+# kernels/sparse_prefill/pairs.py). Off: measured on an H100 (2026-12-07,
+# benchmarks/results/pair-variants-h100.md) the pair tiles ran 0.78-0.88x the 64-row kernel on
+# structured and real selections even at union work ratio 1.01 (8 warps, one CTA per SM)
+DEFAULT_PAIR_MAX_RATIO = 0.0
 
 # key -> (checkpoint config.json field or None, documentation)
 KEYS: dict[str, tuple[str | None, str]] = {

@@ -9,6 +9,6 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 benchmarks/gpu/pair_variants.py ${PAIR_ARGS:-} --json "$OUT/pair-variants.json" 2>&1 \
     | tee "$OUT/pair-variants.txt" | tail -16
-python3 benchmarks/gpu/gpu_tests.py --out "$OUT/gpu-tests-kernels.json" tests/kernels \
+python3 benchmarks/gpu/gpu_tests.py --out "$OUT/gpu-tests-kernels.json" -- tests/kernels \
     -k "not vllm" 2>&1 | tee "$OUT/pytest-kernels.txt" | grep -E "passed|failed|FAILED|Error" \
     | tail -15
