@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-record", type=Path, default=None,
                    help="training metadata JSON of the gates (default: GATES/train_record.json)")
     p.add_argument("--no-heatmap", action="store_true")
+    p.add_argument("--heatmap-only", action="store_true",
+                   help="only the per-layer x per-head density heatmap of the gates on held-out "
+                        "text (results in OUT/raw/NAME-heatmap.json unless --results; writes "
+                        "OUT/NAME-heatmap.png, not the report)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the results file as it is (no model, no runs)")
     return p.parse_args(argv)
@@ -109,6 +113,10 @@ def eval_suite_main(argv: list[str] | None = None) -> int:
     except ServedEvalError as e:
         log.error("--served: %s", e)
         return 2
+    if a.heatmap_only and (a.no_heatmap or a.report_only or settings):
+        log.error("--heatmap-only runs the heatmap alone: not with --no-heatmap, --report-only "
+                  "or --served")
+        return 2
     results = a.results or a.out / "raw" / f"{a.name}-results.json"
     if a.report_only:
         if not results.is_file():
@@ -125,6 +133,8 @@ def eval_suite_main(argv: list[str] | None = None) -> int:
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     size = SIZES[a.size]
     model, tok, weights, inv, bs = load(model_dir, a.gates, device, dtype)
+    if a.heatmap_only:
+        return _heatmap_only(a, model, tok, weights, inv, bs, device, dtype)
     sels = suite_selectors(weights, inv, size.nz_ratios, size.thresholds, bs)
     meta = {"model": str(model_dir), "gates": str(a.gates), "device": _device_name(device),
             "dtype": str(dtype).removeprefix("torch.")}
@@ -139,6 +149,27 @@ def eval_suite_main(argv: list[str] | None = None) -> int:
         run_served(suite, model_dir, a.gates, settings, a.served_dtype, a.timeout)
     summ = write_all(suite.results, a.out, a.name, a.gates, a.train_record)
     log.info("wrote %s/%s.{md,json}; goals: %s", a.out, a.name, summ["goals"])
+    return 0
+
+
+def _heatmap_only(a: argparse.Namespace, model: Any, tok: Any, weights: dict[int, torch.Tensor],
+                  inv: torch.Tensor, bs: int, device: torch.device, dtype: torch.dtype) -> int:
+    """``--heatmap-only``: the suite's heatmap cell alone (its own results file, so a full
+    results file's selector list is not rewritten) and its plot."""
+    from vllm_seer.eval.suite_report import plot_heatmap
+
+    path = a.results or a.out / "raw" / f"{a.name}-heatmap.json"
+    meta = {"model": str(a.model or _model_dir(None)), "gates": str(a.gates),
+            "device": _device_name(device), "dtype": str(dtype).removeprefix("torch.")}
+    suite = Suite(model, tok, [], SIZES[a.size], path,
+                  heatmap_selector(a.gates, weights, inv, bs), meta)
+    suite.run_heatmap()
+    png = a.out / f"{a.name}-heatmap.png"
+    plot_heatmap(suite.results, png)
+    grid = torch.tensor(suite.results["heatmap"]["density"])
+    log.info("heatmap %s: density per layer min %.3f / mean %.3f / max %.3f; wrote %s and %s",
+             suite.results["heatmap"]["selector"], float(grid.mean(1).min()),
+             float(grid.mean()), float(grid.mean(1).max()), path, png)
     return 0
 
 
