@@ -76,7 +76,9 @@ def load_v(v_base, tok, dv, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr)
 def online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.constexpr,
                          DOT_FP32: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr,
                          DOT_DTYPE: tl.constexpr):
-    """One ``[BLOCK, BLOCK]`` key tile of the online softmax; ``ok`` masks (diagonal only).
+    """One key tile of the online softmax for a ``[M, D]`` query tile; ``ok`` (``MASKED``) masks
+    scores: the diagonal block's causal mask, and in pair tiles the half whose row did not select
+    the block.
     ``DOT_DTYPE``: what float8 K (unless ``FP8_QK``: float8 q and K dot as they are) and V tiles
     are converted to."""
     if DOT_FP32:
