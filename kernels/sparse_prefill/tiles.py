@@ -10,7 +10,7 @@ import triton.language as tl
 
 @triton.jit
 def token_offsets(kb, bt_row, stride_btp, stride_p, stride_t, offs_n,
-                   PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+                  PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
     """``[BLOCK]`` int64 cache offsets of the tokens of key block ``kb`` (page + slot)."""
     pos = kb.to(tl.int64) * BLOCK + offs_n
     if PAGE_SIZE % BLOCK == 0:  # the block is one contiguous run of one page
@@ -74,8 +74,8 @@ def load_v(v_base, tok, dv, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr)
 
 @triton.jit
 def online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.constexpr,
-                         DOT_FP32: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr):
+                        DOT_FP32: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr):
     """One key tile of the online softmax for a ``[M, D]`` query tile; ``ok`` (``MASKED``) masks
     scores: the diagonal block's causal mask, and in pair tiles the half whose row did not select
     the block.
