@@ -62,7 +62,11 @@ class PairWork:
     def check(self, heads: int, mqb: int) -> None:
         """Raise unless the workspace holds a ``[heads, mqb]`` batch."""
         pairs = heads * -(-mqb // 2)
-        if self.union_count.numel() < pairs or self.paired.numel() < heads * mqb:
+        if self.union.shape[1] != 2 * self.list_cap:
+            raise ValueError(f"PairWork union rows hold {self.union.shape[1]} entries; expected "
+                             f"2 * list_cap = {2 * self.list_cap}")
+        if (self.union_count.numel() < pairs or self.union.shape[0] < pairs
+                or self.paired.numel() < heads * mqb):
             raise ValueError(f"PairWork holds {self.union_count.numel()} pairs / "
                              f"{self.paired.numel()} rows; the batch needs {pairs} / {heads * mqb}")
 

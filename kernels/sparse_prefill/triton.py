@@ -300,7 +300,8 @@ def sparse_prefill_paged(
         tma: load complete key blocks with tensor descriptors (TMA on Hopper); ``None``: wherever
             :func:`tma_descriptors` allows it; ``True`` raises where it does not.
         band: program order (see :func:`.tiles.row_of`; ``None``: :func:`default_band`; 0: the query
-            block slowest across all heads).
+            block slowest across all heads). The pair tiles' grid (over pairs of query blocks)
+            takes :func:`default_band` of its own length unless ``band`` is 0.
         pairs: workspace of the 128-row pair tiles (:mod:`.pairs`): adjacent query blocks whose
             lists overlap enough run as one tile over the union of their lists; ``None``: every
             row as a 64-row tile.
@@ -334,21 +335,10 @@ def sparse_prefill_paged(
     if work is None and mkb > 128:
         work = SplitWork.allocate(rows, d, q.device, block_size)
     split = work is not None and mkb > work.split_blocks
-    use_pairs = pairs is not None and mqb >= 2
-    if use_pairs:
-        plan_pairs(block_index, block_count, cu_seqlens_q, seq_lens, pairs, block_size)
-    paired = pairs.paired if use_pairs else block_count  # unused unless use_pairs
-    if split:
-        if work.acc.shape[1] != block_size or work.acc.shape[2] != triton.next_power_of_2(d):
-            raise ValueError(f"SplitWork tiles {tuple(work.acc.shape[1:])} do not fit block "
-                             f"{block_size} x head dim {d}")
-        plan_splits(block_count, work, paired if use_pairs else None)
-        nseg_grid, seg, cap = work.capacity, work.split_blocks, work.capacity
-        ws = (work.row_slot, work.segs, work.counter, work.acc, work.ml)
-    else:
-        nseg_grid, seg, cap = 0, mkb, 1
-        ws = (block_count, block_count, block_count, out, out)  # unused (SPLIT=False)
-    scales = [block_count if s is None else s for s in scales]  # unused where None
+    if split and (work.acc.shape[1] != block_size
+                  or work.acc.shape[2] != triton.next_power_of_2(d)):
+        raise ValueError(f"SplitWork tiles {tuple(work.acc.shape[1:])} do not fit block "
+                         f"{block_size} x head dim {d}")
     descs = tma_descriptors(k_cache, v_cache, block_size) if tma is not False else None
     if tma and descs is None:
         raise ValueError(f"tma=True, but a cache of shape {tuple(k_cache.shape)}, strides "
@@ -357,6 +347,19 @@ def sparse_prefill_paged(
     band = default_band(mqb) if band is None else band
     if band < 0:
         raise ValueError(f"band={band}; expected >= 0")
+    # every check above runs before the first launch
+    use_pairs = pairs is not None and mqb >= 2
+    if use_pairs:
+        plan_pairs(block_index, block_count, cu_seqlens_q, seq_lens, pairs, block_size)
+    paired = pairs.paired if use_pairs else block_count  # unused unless use_pairs
+    if split:
+        plan_splits(block_count, work, paired if use_pairs else None)
+        nseg_grid, seg, cap = work.capacity, work.split_blocks, work.capacity
+        ws = (work.row_slot, work.segs, work.counter, work.acc, work.ml)
+    else:
+        nseg_grid, seg, cap = 0, mkb, 1
+        ws = (block_count, block_count, block_count, out, out)  # unused (SPLIT=False)
+    scales = [block_count if s is None else s for s in scales]  # unused where None
     flags = dict(DOT_FP32=dot_fp32, Q_FP8=q_fp8, KV_FP8=kv_fp8,
                  FP8_QK=q_fp8 and kv_fp8 and not dot_fp32, DOT_DTYPE=dot_dtype)
     if use_pairs:  # heaviest first as well: the pair grid's band is over pairs of query blocks

@@ -171,3 +171,55 @@ def test_sparse_prefill_pairs_fp8_cache(q_fp8: bool) -> None:
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     taken = _taken(pairs, bsz * hq * -(-mqb // 2))
     assert taken.any() and (~taken).any()
+
+
+def test_plan_pairs_default_cap_long_lists() -> None:
+    """The backend's list cap (256: nine halvings per search) on lists up to and over it."""
+    from vllm_seer.kernels.sparse_prefill.pairs import plan_pairs
+
+    lens, n_new, hq, bs = [20000], [256], 2, 64  # 313 key blocks
+    index, count = _lists(lens, n_new, hq, bs, 0.82, 0.02)
+    cu = torch.tensor([0, *n_new], device=DEVICE).cumsum(0).to(torch.int32)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    got = PairWork.allocate(hq, index.shape[2], DEVICE, 256, 1.25)
+    ref = PairWork.allocate(hq, index.shape[2], DEVICE, 256, 1.25)
+    plan_pairs(index, count, cu, seq, got, bs)
+    plan_pairs_ref(index.cpu(), count.cpu(), cu.cpu(), seq.cpu(), ref, bs)
+    assert int(count.max()) > 256 and int(count.min()) <= 256  # both sides of the cap
+    torch.testing.assert_close(got.union_count.cpu(), ref.union_count.cpu())
+    torch.testing.assert_close(got.paired.cpu(), ref.paired.cpu())
+    taken = (ref.union_count > 0).nonzero().flatten().tolist()
+    assert taken and max(int(ref.union_count[p]) for p in taken) > 200
+    for pr in taken:
+        u = int(ref.union_count[pr])
+        torch.testing.assert_close(got.union[pr, :u].cpu(), ref.union[pr, :u].cpu())
+
+
+def test_sparse_prefill_pairs_tails_and_small_pages() -> None:
+    """Union tails other than ``qb, qb + 1`` (rows without their diagonal, one-entry rows) and
+    pages smaller than a gate block (8 tokens, pointer loads)."""
+    from vllm_seer.kernels.sparse_prefill import sparse_prefill_paged
+
+    lens, n_new, hq, bs = [300, 200], [230, 200], 4, 32
+    batch = make_batch(lens, n_new, hq, 2, 64, 8, torch.float16, "token", DEVICE)
+    masks = overlapping_block_masks(lens, n_new, hq, bs, 0.4, 0.1, DEVICE)
+    for L, n, m in zip(lens, n_new, masks, strict=True):
+        qb = (L - n) // bs + torch.arange(m.shape[1], device=DEVICE)
+        rows = torch.arange(m.shape[1], device=DEVICE)
+        m[0, rows, qb] = False  # head 0: no diagonals (tails end below qb)
+        m[1, rows[1::2], qb[1::2]] = False  # head 1: only A's diagonal (tail ends at qb)
+        m[2] = False
+        m[2, :, 0] = True  # head 2: one entry per row (block 0)
+    index, count = masks_to_block_lists(masks, max(-(-L // bs) for L in lens))
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu_seqlens_q,
+            batch.seq_lens, index, count)
+    ref = sparse_prefill_paged_ref(*args, torch.full_like(batch.q, float("nan")), 0.125, bs)
+    bsz, _, mqb, _ = index.shape
+    pairs = PairWork.allocate(bsz * hq, mqb, DEVICE, 16, 1.5)
+    out = sparse_prefill_paged(*args, torch.full_like(batch.q, float("nan")), 0.125, bs,
+                               pairs=pairs)
+    live = torch.isfinite(ref)  # rows whose list allows no key of theirs stay NaN in the reference
+    torch.testing.assert_close(out.float()[live], ref.float()[live], rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(out).all()
+    taken = pairs.union_count[:bsz * hq * -(-mqb // 2)].view(bsz, hq, -1) > 0
+    assert all(bool(taken[:, h].any()) for h in range(3))  # every tail kind ran in a pair
