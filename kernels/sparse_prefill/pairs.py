@@ -1,14 +1,16 @@
 """128-row pair tiles of the block-sparse prefill: two adjacent query blocks over one union list.
 
 A 64-row tile feeds each 32 KB K/V block (d=128, bf16) to 64 query rows: 64 FLOP per byte moved
-from L2, which bounds the 64-row kernel on Hopper (Nsight Compute: L2 throughput 77 %, tensor pipe
-44 % at 32k). Where two adjacent query blocks of one head select nearly the same key blocks (real
+from L2 (Nsight Compute on the 64-row kernel at 32k: L2 throughput 77 %, tensor pipe 44 %). Where
+two adjacent query blocks of one head select nearly the same key blocks (real
 and structured gates: adjacent-row Jaccard 0.6-0.98, ``benchmarks/results/selection-overlap.md``)
 one 128-row program over the union of their lists loads each block once for both; a block only one
 row selected is masked (``-inf``) in the other half. :func:`plan_pairs` chooses the pairs whose
 union costs at most ``max_ratio`` times their own work (:mod:`.pairs_naive` has the rules, the
 layouts and the reference); :func:`pair_attention` runs them (heaviest first, like the 64-row
 kernel); the 64-row kernel skips their rows and the long-row split plan never slices them.
+Measured on an H100 they run 0.78-0.88x the 64-row kernel even where the two lists coincide
+(``benchmarks/results/pair-variants-h100.md``), so the backend leaves them off by default.
 
 Per program: the ``[128, D]`` query tile of blocks ``qb`` and ``qb + 1`` stays in registers and the
 union list is walked with the next entry's code and page loaded one iteration ahead (TMA boxes over
@@ -25,10 +27,13 @@ import torch
 import triton
 import triton.language as tl
 from vllm_seer.kernels.sparse_prefill.pairs_naive import PairWork
-from vllm_seer.kernels.sparse_prefill.split import row_geometry
+from vllm_seer.kernels.sparse_prefill.split import query_tile, row_geometry
 from vllm_seer.kernels.sparse_prefill.tiles import (
     load_kt,
+    load_kv_masked,
+    load_query,
     load_v,
+    log2_qk_scale,
     online_softmax_step,
     page_row,
     row_of,
@@ -151,23 +156,12 @@ def _pair_kernel(
         offs_m = tl.arange(0, 2 * BLOCK)
         offs_n = tl.arange(0, BLOCK)
         half_b = offs_m >= BLOCK  # rows of query block qb + 1
-        pos_q = qb * BLOCK + offs_m
-        row_ok = (pos_q >= start) & (pos_q < seq_len)
-        q_rows = q_lo + pos_q - start
+        pos_q, row_ok, q_rows = query_tile(qb, start, seq_len, q_lo, BLOCK, 2 * BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh
-                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-        elif Q_FP8 and not FP8_QK:
-            q = q.to(DOT_DTYPE)
-        qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
-        if Q_FP8:
-            qk_scale = qk_scale * tl.load(qs_ptr)
-        if KV_FP8:
-            qk_scale = qk_scale * tl.load(ks_ptr)
+        q = load_query(q_ptr, q_rows, row_ok, h, offs_d, d_ok, stride_qt, stride_qh, stride_qd,
+                       DOT_FP32, Q_FP8, FP8_QK, DOT_DTYPE)
+        qk_scale = log2_qk_scale(scale, qs_ptr, ks_ptr, Q_FP8, KV_FP8)
         m_i = tl.full([2 * BLOCK], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([2 * BLOCK], dtype=tl.float32)
         acc = tl.zeros([2 * BLOCK, BLOCK_D], dtype=tl.float32)
@@ -215,15 +209,9 @@ def _pair_kernel(
                 code = code_n
         for i in range(n_full, uc):  # the diagonals: causal and past-the-end masks
             code = tl.load(list_ptr + i)
-            pos_k = (code >> 2).to(tl.int64) * BLOCK + offs_n
-            k_ok = pos_k < seq_len
-            page = tl.load(bt_row + (pos_k // PAGE_SIZE) * stride_btp, mask=k_ok,
-                           other=0).to(tl.int64)
-            slot = pos_k % PAGE_SIZE
-            kt = tl.load(k_base + (page * stride_kp + slot * stride_kt)[None, :] + dk,
-                         mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None] + dv,
-                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            pos_k, k_ok, kt, v = load_kv_masked(code >> 2, seq_len, bt_row, stride_btp, k_base,
+                                                v_base, stride_kp, stride_kt, stride_vp,
+                                                stride_vt, dk, dv, d_ok, offs_n, PAGE_SIZE, BLOCK)
             sel = tl.where(half_b, (code & 2) != 0, (code & 1) != 0)
             ok = sel[:, None] & k_ok[None, :] & (pos_k[None, :] <= pos_q[:, None])
             acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,

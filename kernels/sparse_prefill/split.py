@@ -86,10 +86,11 @@ def row_geometry(row, cu_ptr, lens_ptr, MQB, HQ: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
-def query_tile(qb, start, seq_len, q_lo, BLOCK: tl.constexpr):
-    """``[BLOCK]`` absolute positions of query block ``qb``, which of them are this step's rows,
+def query_tile(qb, start, seq_len, q_lo, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """``[ROWS]`` absolute positions of the rows from query block ``qb`` on (``ROWS = BLOCK``:
+    that block; ``2 * BLOCK``: it and the next, a pair tile), which of them are this step's rows,
     and their packed row indices (garbage where not present)."""
-    pos_q = qb * BLOCK + tl.arange(0, BLOCK)
+    pos_q = qb * BLOCK + tl.arange(0, ROWS)
     row_ok = (pos_q >= start) & (pos_q < seq_len)
     return pos_q, row_ok, q_lo + pos_q - start
 
@@ -136,7 +137,7 @@ def _combine_kernel(
         if (s == 0) & (nseg > 0):
             _, h, _, q_lo, start, seq_len, qb, _ = row_geometry(row, cu_ptr, lens_ptr, MQB, HQ,
                                                                  BLOCK)
-            pos_q, row_ok, q_rows = query_tile(qb, start, seq_len, q_lo, BLOCK)
+            pos_q, row_ok, q_rows = query_tile(qb, start, seq_len, q_lo, BLOCK, BLOCK)
             offs_m = tl.arange(0, BLOCK)
             offs_d = tl.arange(0, BLOCK_D)
             m_all = tl.full([BLOCK], -1.0e30, dtype=tl.float32)

@@ -97,3 +97,49 @@ def online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.conste
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def load_query(q_ptr, q_rows, row_ok, h, offs_d, d_ok, stride_qt, stride_qh, stride_qd,
+               DOT_FP32: tl.constexpr, Q_FP8: tl.constexpr, FP8_QK: tl.constexpr,
+               DOT_DTYPE: tl.constexpr):
+    """``[M, BLOCK_D]`` query tile of head ``h`` (rows ``q_rows`` where ``row_ok``, zeros
+    elsewhere) in the dtype the dots take: fp32 (``DOT_FP32``), ``DOT_DTYPE`` for a float8 query
+    whose K is converted, else as stored."""
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    elif Q_FP8 and not FP8_QK:
+        q = q.to(DOT_DTYPE)
+    return q
+
+
+@triton.jit
+def log2_qk_scale(scale, qs_ptr, ks_ptr, Q_FP8: tl.constexpr, KV_FP8: tl.constexpr):
+    """The softmax scale in the log2 domain (``exp2`` in :func:`online_softmax_step`), with the
+    float8 query's and cache's per-layer scales folded in."""
+    qk_scale = scale * 1.4426950408889634
+    if Q_FP8:
+        qk_scale = qk_scale * tl.load(qs_ptr)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(ks_ptr)
+    return qk_scale
+
+
+@triton.jit
+def load_kv_masked(kb, seq_len, bt_row, stride_btp, k_base, v_base, stride_kp, stride_kt,
+                   stride_vp, stride_vt, dk, dv, d_ok, offs_n, PAGE_SIZE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """K^T ``[BLOCK_D, BLOCK]`` and V ``[BLOCK, BLOCK_D]`` of key block ``kb`` that may run past
+    the request's last token (a diagonal block), a page id per token, zeros past ``seq_len``;
+    with the block's positions ``pos_k`` and which of them exist (``k_ok``)."""
+    pos_k = kb.to(tl.int64) * BLOCK + offs_n
+    k_ok = pos_k < seq_len
+    page = tl.load(bt_row + (pos_k // PAGE_SIZE) * stride_btp, mask=k_ok, other=0).to(tl.int64)
+    slot = pos_k % PAGE_SIZE
+    kt = tl.load(k_base + (page * stride_kp + slot * stride_kt)[None, :] + dk,
+                 mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+    v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None] + dv,
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    return pos_k, k_ok, kt, v

@@ -57,7 +57,10 @@ from vllm_seer.kernels.sparse_prefill.split import (
 )
 from vllm_seer.kernels.sparse_prefill.tiles import (
     load_kt,
+    load_kv_masked,
+    load_query,
     load_v,
+    log2_qk_scale,
     online_softmax_step,
     page_row,
     row_of,
@@ -137,20 +140,12 @@ def _sparse_prefill_kernel(
     if valid & (j < nqb):
         kvh = h // GROUP
         offs_m = tl.arange(0, BLOCK)
-        pos_q, row_ok, q_rows = query_tile(qb, start, seq_len, q_lo, BLOCK)  # [BLOCK] each
+        pos_q, row_ok, q_rows = query_tile(qb, start, seq_len, q_lo, BLOCK, BLOCK)  # [BLOCK]
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        q_ptrs = q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-        elif Q_FP8 and not FP8_QK:
-            q = q.to(DOT_DTYPE)
-        qk_scale = scale * 1.4426950408889634  # fold log2(e): exp2 below
-        if Q_FP8:
-            qk_scale = qk_scale * tl.load(qs_ptr)
-        if KV_FP8:
-            qk_scale = qk_scale * tl.load(ks_ptr)
+        q = load_query(q_ptr, q_rows, row_ok, h, offs_d, d_ok, stride_qt, stride_qh, stride_qd,
+                       DOT_FP32, Q_FP8, FP8_QK, DOT_DTYPE)
+        qk_scale = log2_qk_scale(scale, qs_ptr, ks_ptr, Q_FP8, KV_FP8)
         m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
@@ -200,15 +195,9 @@ def _sparse_prefill_kernel(
                 acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True,
                                                      False, DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
         if n_full < hi:  # the diagonal block: may run past the request's last token
-            pos_k = last.to(tl.int64) * BLOCK + offs_m
-            k_ok = pos_k < seq_len
-            page = tl.load(bt_row + (pos_k // PAGE_SIZE) * stride_btp, mask=k_ok,
-                           other=0).to(tl.int64)
-            slot = pos_k % PAGE_SIZE
-            kt = tl.load(k_base + (page * stride_kp + slot * stride_kt)[None, :] + dk,
-                         mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None] + dv,
-                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            pos_k, k_ok, kt, v = load_kv_masked(last, seq_len, bt_row, stride_btp, k_base, v_base,
+                                                stride_kp, stride_kt, stride_vp, stride_vt, dk,
+                                                dv, d_ok, offs_m, PAGE_SIZE, BLOCK)
             ok = k_ok[None, :] & (pos_k[None, :] <= pos_q[:, None])
             acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,
                                                  DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
