@@ -10,6 +10,10 @@ give for a clean checkout), since the GPU host's copy has no usable ``.git``; ``
 ``BACKEND_TREE`` in the environment are checked against them (a mismatch is recorded as
 ``declared_*``).
 
+``--jobs N`` runs the test files in N concurrent pytest processes (files dealt out largest
+first; each process's junit is merged into the one entry): Triton's compiles are CPU-bound and
+the host has 16 cores, so the group finishes in about the time of its slowest file.
+
 Where one call cannot hold the whole group, run it in parts (pytest paths after ``--out``), then
 here::
 
@@ -74,6 +78,38 @@ def record(paths: list[str], note: str, results: str) -> dict:
     return entry
 
 
+def shard_files(paths: list[str], jobs: int) -> list[list[str]]:
+    """Deal the test files under ``paths`` (directories are searched for ``test_*.py``) into at
+    most ``jobs`` lists, largest file first onto the lightest list (bytes as the cost guess)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("test_*.py"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"gpu_tests --jobs: {p} is neither a test file nor a directory "
+                             "(pytest options cannot be sharded; run without --jobs)")
+    shards: list[list[str]] = [[] for _ in range(min(jobs, len(files)))]
+    load = [0] * len(shards)
+    for f in sorted(files, key=lambda f: -f.stat().st_size):
+        i = load.index(min(load))
+        shards[i].append(str(f))
+        load[i] += f.stat().st_size
+    return shards
+
+
+def read_junit(junit: str) -> tuple[int, int, list[str]]:
+    """(tests, skipped, failed test ids) of one pytest junit file."""
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failed = []
+    for case in suite.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(f"{case.get('classname')}::{case.get('name')}")
+    return int(suite.get("tests")), int(suite.get("skipped")), failed
+
+
 def main() -> None:
     if sys.argv[1:2] == ["record"]:
         ap = argparse.ArgumentParser(prog="gpu_tests.py record")
@@ -86,22 +122,33 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="concurrent pytest processes, each over its share of the test files")
     ap.add_argument("pytest_args", nargs="*", default=["tests"])
     args = ap.parse_args()
-    junit = args.out + ".xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", *args.pytest_args]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from code_tree import code_trees
 
     trees = code_trees()  # of the files that ran (the host's copy has no usable .git)
-    rc = subprocess.run(cmd, check=False).returncode
-    suite = ET.parse(junit).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    failed = []
-    for case in suite.iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            failed.append(f"{case.get('classname')}::{case.get('name')}")
+    shards = shard_files(args.pytest_args, args.jobs) if args.jobs > 1 else [args.pytest_args]
+    procs = []
+    for i, shard in enumerate(shards):
+        junit = f"{args.out}.{i}.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+               f"--junitxml={junit}", *shard]
+        log = open(f"{args.out}.{i}.log", "w")  # noqa: SIM115 - closed after wait
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), junit, log))
+    rc, failed, tests, skipped = 0, [], 0, 0
+    for i, (proc, junit, log) in enumerate(procs):
+        code = proc.wait()
+        log.close()
+        text = Path(log.name).read_text()
+        print(f"--- shard {i}: {' '.join(shards[i])} (rc {code})\n{text[-3000:]}")
+        if code == 5:  # no test of the gpu mark in this shard's files
+            continue
+        rc = max(rc, code)
+        n, s, f = read_junit(junit)
+        tests, skipped, failed = tests + n, skipped + s, failed + f
     import torch
     import triton
 
@@ -111,13 +158,12 @@ def main() -> None:
         vllm_version = vllm.__version__
     except ImportError:
         vllm_version = None
-    tests, skipped = int(suite.get("tests")), int(suite.get("skipped"))
     entry = {
         "date": str(datetime.date.today()), "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__,
                      "vllm": vllm_version},
         "passed": tests - skipped - len(failed), "failed": len(failed), "skipped": skipped,
-        "failed_tests": failed, "pytest_rc": rc,
+        "failed_tests": failed, "pytest_rc": rc, "jobs": len(shards),
         **trees,
     }
     for key, env in (("kernels_tree", "KERNELS_TREE"), ("backend_tree", "BACKEND_TREE")):

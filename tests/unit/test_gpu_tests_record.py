@@ -58,3 +58,19 @@ def test_parts_without_trees_are_refused() -> None:
         _mod().merge_parts([_part(1, [], kernels_tree=None)], "n")
     with pytest.raises(ValueError, match="no part"):
         _mod().merge_parts([], "n")
+
+
+def test_shards_deal_every_file_once_largest_first(tmp_path: Path) -> None:
+    mod = _mod()
+    sizes = {"test_a.py": 900, "test_b.py": 500, "test_c.py": 400, "test_d.py": 100}
+    for name, size in sizes.items():
+        (tmp_path / "sub" if name == "test_d.py" else tmp_path).mkdir(exist_ok=True)
+        where = tmp_path / "sub" if name == "test_d.py" else tmp_path
+        (where / name).write_text("#" * size)
+    (tmp_path / "helper.py").write_text("#" * 5000)  # not a test file
+    shards = mod.shard_files([str(tmp_path)], 2)
+    names = [[Path(f).name for f in s] for s in shards]
+    assert names == [["test_a.py", "test_d.py"], ["test_b.py", "test_c.py"]]
+    assert sorted(len(s) for s in mod.shard_files([str(tmp_path)], 9)) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="neither a test file nor a directory"):
+        mod.shard_files([str(tmp_path), "-k"], 2)
