@@ -17,6 +17,7 @@ Output layouts (fp32, padded; entries past a request's blocks are left untouched
 from __future__ import annotations
 
 import torch
+from vllm_seer.kernels.paged_pool.key_cache import LayerKeyCache, entry_index
 from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, check_presence, dequantize
 from vllm_seer.kernels.sparse_prefill.naive import gather_paged
 
@@ -105,6 +106,21 @@ def pool_q_varlen_ref(
     return out
 
 
+def _through_cache(kc: LayerKeyCache, k_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, k_out: torch.Tensor, block_size: int) -> None:
+    """Replace / store ``k_out``'s complete blocks by the rule of ``pool_qk_ref``'s key cache."""
+    num_pages, page_size, hkv, d = k_cache.shape
+    kc.check(num_pages, page_size, hkv, d, block_size, k_cache.device)
+    for b, L in enumerate(seq_lens.tolist()):
+        for kb in range(L // block_size):
+            e = entry_index(block_table[b], kb, page_size, block_size, kc.entry_tokens)
+            stamp = kc.stamps[e]
+            hit = (stamp > 0) & (stamp < kc.step)  # [Hkv]
+            k_out[b, kb, hit] = kc.data[e, hit]
+            kc.data[e, ~hit] = k_out[b, kb, ~hit]
+            kc.stamps[e, ~hit] = kc.step
+
+
 def pool_qk_ref(
     k_cache: torch.Tensor,
     block_table: torch.Tensor,
@@ -119,12 +135,17 @@ def pool_qk_ref(
     k_scale: torch.Tensor | float | None = None,
     q_scale: torch.Tensor | float | None = None,
     rope_positions: torch.Tensor | None = None,
+    key_cache: LayerKeyCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pool_k_paged_ref` then :func:`pool_q_varlen_ref` (the Triton ``pool_qk`` does both
     in one launch); returns ``(k_out, q_out)``. ``rope_positions``: the per-position cos/sin table
     the Triton kernel reads instead of evaluating cos/sin; here it is only checked to be that of
     ``inv_freq`` (:func:`vllm_seer.gate.block_rope_table` with block size 1) over every position
-    of the batch, and the angles are computed as without it."""
+    of the batch, and the angles are computed as without it.
+
+    ``key_cache``: per complete key block and KV head, the entry's value when its stamp is in
+    ``(0, step)``, else the pooled value, stored with ``step``
+    (:mod:`vllm_seer.kernels.paged_pool.key_cache`)."""
     if rope_positions is not None:
         if inv_freq is None:
             raise ValueError("rope_positions without inv_freq: nothing to un-rotate")
@@ -135,5 +156,7 @@ def pool_qk_ref(
             raise ValueError(f"rope_positions covers {rope_positions.shape[0]} positions, a "
                              f"request has {int(seq_lens.max())}")
     pool_k_paged_ref(k_cache, block_table, seq_lens, inv_freq, k_out, block_size, k_scale=k_scale)
+    if key_cache is not None:
+        _through_cache(key_cache, k_cache, block_table, seq_lens, k_out, block_size)
     pool_q_varlen_ref(q, cu_seqlens_q, seq_lens, inv_freq, q_out, block_size, q_scale=q_scale)
     return k_out, q_out

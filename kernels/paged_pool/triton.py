@@ -21,6 +21,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vllm_seer.kernels.paged_pool.key_cache import LayerKeyCache
 from vllm_seer.kernels.sparse_prefill.kv_fp8 import check_dtype, scale_arg
 from vllm_seer.kernels.triton_common import request_blocks, rope_cs
 
@@ -49,52 +50,92 @@ def _load_scaled(ptrs, mask, s_ptr, SCALED: tl.constexpr):
 
 
 @triton.jit
+def _store6(o, stride, a, b, c, d, e, f, mask):
+    """Store the six ``[HALF]`` parts of a pooled key at ``o + i * stride``."""
+    tl.store(o, a, mask=mask)
+    tl.store(o + stride, b, mask=mask)
+    tl.store(o + 2 * stride, c, mask=mask)
+    tl.store(o + 3 * stride, d, mask=mask)
+    tl.store(o + 4 * stride, e, mask=mask)
+    tl.store(o + 5 * stride, f, mask=mask)
+
+
+@triton.jit
 def _pool_k_block(
-    kb, b, h0, k_ptr, bt_ptr, lens_ptr, f_ptr, t_ptr, s_ptr, o_ptr,
+    kb, b, h0, k_ptr, bt_ptr, lens_ptr, f_ptr, t_ptr, s_ptr, o_ptr, pc_ptr, st_ptr, step,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_btb, stride_btp,
     stride_ob, stride_on, stride_oh, stride_oc,
     NH: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_TABLE: tl.constexpr,
-    LIBDEVICE: tl.constexpr, SCALED: tl.constexpr,
+    LIBDEVICE: tl.constexpr, SCALED: tl.constexpr, CACHED: tl.constexpr = False,
+    HKV: tl.constexpr = 1, ENTRY_TOKENS: tl.constexpr = 1,
 ):
     """Key block ``kb`` of request ``b``: ``[max | min | avg]`` of its un-rotated keys for the
     ``NH`` heads ``h0 .. h0 + NH - 1``.
 
     k: ``[P, PAGE_SIZE, HKV, 2*HALF]``; out: ``[B, MKB, HKV, 6*HALF]``; t: the per-position
     cos/sin table (``HAS_TABLE``); s: ``[1]`` fp32 scale of a float8 cache (``SCALED`` only).
+    ``CACHED``: pc ``[E, HKV, 6*HALF]`` fp32 / st ``[E, HKV]`` int32, one layer of a
+    :class:`~vllm_seer.kernels.paged_pool.key_cache.PooledKeyCache` (contiguous): a complete
+    block whose entry holds, for all ``NH`` heads, stamps in ``(0, step)`` is copied from it;
+    otherwise pooled, and a complete block's result stored there with ``step``.
     Blocks past the request's keys write nothing."""
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
     if kb * BLOCK < seq_len:
-        pos = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-        ok = pos < seq_len
         offs = tl.arange(0, BLOCK_HALF)
         half_ok = offs < HALF
-        page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE_SIZE) * stride_btp,
-                       mask=ok, other=0).to(tl.int64)
-        m2 = ok[:, None] & half_ok[None, :]
-        c, sn = rope_cs(pos, ok, f_ptr, t_ptr, offs, half_ok, HALF, HAS_ROPE, HAS_TABLE,
-                        LIBDEVICE)
-        cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
-        for hh in range(NH):
-            h = h0 + hh
-            base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
-            x1 = _load_scaled(base[:, None] + offs[None, :] * stride_kd, m2, s_ptr, SCALED)
-            x2 = _load_scaled(base[:, None] + (offs[None, :] + HALF) * stride_kd, m2, s_ptr,
-                              SCALED)
-            y1, y2 = _unrope(x1, x2, c, sn)
-            o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
-            tl.store(o, tl.max(tl.where(m2, y1, float("-inf")), 0), mask=half_ok)
-            tl.store(o + HALF * stride_oc, tl.max(tl.where(m2, y2, float("-inf")), 0),
-                     mask=half_ok)
-            tl.store(o + 2 * HALF * stride_oc, tl.min(tl.where(m2, y1, float("inf")), 0),
-                     mask=half_ok)
-            tl.store(o + 3 * HALF * stride_oc, tl.min(tl.where(m2, y2, float("inf")), 0),
-                     mask=half_ok)
-            tl.store(o + 4 * HALF * stride_oc, tl.sum(tl.where(m2, y1, 0.0), 0) / cnt,
-                     mask=half_ok)
-            tl.store(o + 5 * HALF * stride_oc, tl.sum(tl.where(m2, y2, 0.0), 0) / cnt,
-                     mask=half_ok)
+        hit = False
+        if CACHED:
+            complete = (kb + 1) * BLOCK <= seq_len
+            last = kb * BLOCK + BLOCK - 1  # the block's last token: its slot names the entry
+            lpage = tl.load(bt_ptr + b * stride_btb + (last // PAGE_SIZE) * stride_btp,
+                            mask=complete, other=0).to(tl.int64)
+            e = (lpage * PAGE_SIZE + last % PAGE_SIZE) // ENTRY_TOKENS
+            pc = pc_ptr + e * (HKV * 6 * HALF)
+            st = st_ptr + e * HKV
+            hit = complete
+            for hh in range(NH):
+                stamp = tl.load(st + h0 + hh, mask=complete, other=0)
+                hit = hit & (stamp > 0) & (stamp < step)
+        if hit:
+            for hh in range(NH):
+                h = h0 + hh
+                o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
+                for part in tl.static_range(6):
+                    tl.store(o + part * HALF * stride_oc,
+                             tl.load(pc + h * (6 * HALF) + part * HALF + offs, mask=half_ok),
+                             mask=half_ok)
+        else:
+            pos = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+            ok = pos < seq_len
+            page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE_SIZE) * stride_btp,
+                           mask=ok, other=0).to(tl.int64)
+            m2 = ok[:, None] & half_ok[None, :]
+            c, sn = rope_cs(pos, ok, f_ptr, t_ptr, offs, half_ok, HALF, HAS_ROPE, HAS_TABLE,
+                            LIBDEVICE)
+            cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
+            for hh in range(NH):
+                h = h0 + hh
+                base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
+                x1 = _load_scaled(base[:, None] + offs[None, :] * stride_kd, m2, s_ptr, SCALED)
+                x2 = _load_scaled(base[:, None] + (offs[None, :] + HALF) * stride_kd, m2, s_ptr,
+                                  SCALED)
+                y1, y2 = _unrope(x1, x2, c, sn)
+                mx1 = tl.max(tl.where(m2, y1, float("-inf")), 0)
+                mx2 = tl.max(tl.where(m2, y2, float("-inf")), 0)
+                mn1 = tl.min(tl.where(m2, y1, float("inf")), 0)
+                mn2 = tl.min(tl.where(m2, y2, float("inf")), 0)
+                av1 = tl.sum(tl.where(m2, y1, 0.0), 0) / cnt
+                av2 = tl.sum(tl.where(m2, y2, 0.0), 0) / cnt
+                o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
+                _store6(o, HALF * stride_oc, mx1, mx2, mn1, mn2, av1, av2, half_ok)
+                if CACHED:
+                    # (a [BLOCK_HALF] comparison: int1 scalar & vector is int32 in the
+                    # interpreter)
+                    keep = half_ok & ((kb + 1) * BLOCK + offs * 0 <= seq_len)
+                    _store6(pc + h * (6 * HALF) + offs, HALF, mx1, mx2, mn1, mn2, av1, av2, keep)
+                    tl.store(st + h, step, mask=complete)
 
 
 @triton.jit
@@ -148,7 +189,7 @@ def _pool_k_kernel(
 ):
     # one program per (key block, request), every head
     _pool_k_block(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), 0,
-                  k_ptr, bt_ptr, lens_ptr, f_ptr, f_ptr, s_ptr, o_ptr,
+                  k_ptr, bt_ptr, lens_ptr, f_ptr, f_ptr, s_ptr, o_ptr, o_ptr, o_ptr, 0,
                   stride_kp, stride_kt, stride_kh, stride_kd, stride_btb, stride_btp,
                   stride_ob, stride_on, stride_oh, stride_oc,
                   HKV, HALF, BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, False, LIBDEVICE, SCALED)
@@ -191,12 +232,14 @@ def _prune_qk(configs: list[triton.Config], named_args: dict, **kwargs) -> list[
 @triton.heuristics({"HAS_ROPE": lambda a: a["f_ptr"] is not None,
                     "HAS_TABLE": lambda a: a["t_ptr"] is not None,
                     "K_SCALED": lambda a: a["ks_ptr"] is not None,
-                    "Q_SCALED": lambda a: a["qs_ptr"] is not None})
+                    "Q_SCALED": lambda a: a["qs_ptr"] is not None,
+                    "CACHED": lambda a: a["pc_ptr"] is not None})
 @triton.autotune(configs=_qk_configs(), key=["HALF", "PAGE_SIZE", "BLOCK", "HAS_TABLE"],
                  prune_configs_by={"early_config_prune": _prune_qk})
-@triton.jit(do_not_specialize=["MKB", "MQB", "stride_btb"])
+@triton.jit(do_not_specialize=["MKB", "MQB", "stride_btb", "step"])
 def _pool_qk_kernel(
     k_ptr, bt_ptr, ks_ptr, ko_ptr, q_ptr, cu_ptr, qs_ptr, qo_ptr, lens_ptr, f_ptr, t_ptr,
+    pc_ptr, st_ptr, step,
     MKB, MQB,
     stride_kp, stride_kt, stride_kh, stride_kd,
     stride_btb, stride_btp,
@@ -206,7 +249,7 @@ def _pool_qk_kernel(
     HKV: tl.constexpr, HQ: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr,
     HAS_TABLE: tl.constexpr, LIBDEVICE: tl.constexpr, K_SCALED: tl.constexpr,
-    Q_SCALED: tl.constexpr, KH: tl.constexpr,
+    Q_SCALED: tl.constexpr, CACHED: tl.constexpr, ENTRY_TOKENS: tl.constexpr, KH: tl.constexpr,
 ):
     # grid (HKV // KH, MKB + MQB, B): head group g; programs [0, MKB) of axis 1 pool key blocks
     # (KH KV heads), [MKB, MKB + MQB) query blocks (the group's KH * HQ // HKV query heads)
@@ -216,10 +259,11 @@ def _pool_qk_kernel(
     QH: tl.constexpr = KH * (HQ // HKV)
     if i < MKB:
         _pool_k_block(i, b, g * KH, k_ptr, bt_ptr, lens_ptr, f_ptr, t_ptr, ks_ptr, ko_ptr,
+                      pc_ptr, st_ptr, step,
                       stride_kp, stride_kt, stride_kh, stride_kd, stride_btb, stride_btp,
                       stride_kob, stride_kon, stride_koh, stride_koc,
                       KH, HALF, BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, HAS_TABLE, LIBDEVICE,
-                      K_SCALED)
+                      K_SCALED, CACHED, HKV, ENTRY_TOKENS)
     else:
         _pool_q_block(i - MKB, b, g * QH, q_ptr, cu_ptr, lens_ptr, f_ptr, t_ptr, qs_ptr, qo_ptr,
                       stride_qt, stride_qh, stride_qd, stride_qob, stride_qon, stride_qoh,
@@ -318,6 +362,7 @@ def pool_qk(
     k_scale: torch.Tensor | float | None = None,
     q_scale: torch.Tensor | float | None = None,
     rope_positions: torch.Tensor | None = None,
+    key_cache: LayerKeyCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pool_k_paged` and :func:`pool_q_varlen` in one launch (the gate's pooling step).
 
@@ -329,6 +374,11 @@ def pool_qk(
     position ``p < NPOS`` (:func:`vllm_seer.gate.block_rope_table` with block size 1, made once at
     start-up; ``NPOS`` at least every request's length): read instead of evaluating cos/sin per
     element (the same fp32 angles). Programs pool ``KH`` KV heads each (autotuned).
+
+    ``key_cache``: this layer's view of a
+    :class:`~vllm_seer.kernels.paged_pool.key_cache.PooledKeyCache` for this step: complete key
+    blocks it holds are copied from it, the others pooled (and the complete ones stored); ``k_out``
+    is the same as without it (the stored values are what the pooling wrote).
     """
     ks = scale_arg(k_scale, "k_scale", check_dtype(k_cache, "k_cache"), k_cache.device)
     qs = scale_arg(q_scale, "q_scale", check_dtype(q, "q"), q.device)
@@ -353,11 +403,16 @@ def pool_qk(
             raise ValueError(f"rope_positions {tuple(rope_positions.shape)} "
                              f"{rope_positions.dtype}: expected contiguous [NPOS, 2, {d // 2}] "
                              "float32")
+    if key_cache is not None:
+        key_cache.check(k_cache.shape[0], page_size, hkv, d, block_size, k_cache.device)
+    kc = key_cache
     _pool_qk_kernel[lambda meta: (hkv // meta["KH"], mkb + mqb, bsz)](
         k_cache, block_table, ks, k_out, q, cu_seqlens_q, qs, q_out, seq_lens, inv_freq,
-        rope_positions, mkb, mqb,
+        rope_positions, kc.data if kc else None, kc.stamps if kc else None,
+        kc.step if kc else 0, mkb, mqb,
         *k_cache.stride(), *block_table.stride(), *k_out.stride(), *q.stride(), *q_out.stride(),
         HKV=hkv, HQ=hq, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2),
         PAGE_SIZE=page_size, BLOCK=block_size, LIBDEVICE=not INTERPRET,
+        ENTRY_TOKENS=kc.entry_tokens if kc else 1,
     )
     return k_out, q_out
