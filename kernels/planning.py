@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from vllm_seer.kernels.paged_pool.key_cache import LayerKeyCache, PooledKeyCache
 from vllm_seer.kernels.sparse_prefill.pairs_naive import PairWork
 from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
@@ -120,7 +121,8 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
               rope_table: torch.Tensor | None = None,
               grouped_weight: torch.Tensor | None = None, *,
               q_scale: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-              rope_positions: torch.Tensor | None = None) -> None:
+              rope_positions: torch.Tensor | None = None,
+              key_cache: LayerKeyCache | None = None) -> None:
     """Pool (RoPE undone), score and select: fills ``bufs.block_index`` / ``bufs.block_count``.
 
     Four launches with the start-up tables and a per-step ``bufs.topk``: the pooling of K and Q
@@ -133,13 +135,15 @@ def seer_gate(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
         q_scale, k_scale: scales of a float8 query / cache (the gate pools dequantized values).
         rope_positions: the start-up per-position cos/sin table of :func:`pool_qk` (computed per
             element when ``None``).
+        key_cache: this layer's view of the pooled-key cache for this step (:func:`pool_qk`).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.paged_pool.triton import pool_qk
 
     bs = bufs.plan.block_size
     pool_qk(k_cache, block_table, q, cu_seqlens_q, seq_lens, inv_freq, bufs.k_pooled,
-            bufs.q_pooled, bs, k_scale=k_scale, q_scale=q_scale, rope_positions=rope_positions)
+            bufs.q_pooled, bs, k_scale=k_scale, q_scale=q_scale, rope_positions=rope_positions,
+            key_cache=key_cache)
     block_select(bufs.q_pooled, bufs.k_pooled, weight, inv_freq, cu_seqlens_q, seq_lens, sel,
                  bufs.block_index, bufs.block_count, bs, bufs.scores, bufs.topk, rope_table,
                  grouped_weight)
@@ -183,7 +187,8 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
             grouped_weight: torch.Tensor | None = None, *, kv_dtype: torch.dtype | None = None,
             out_dtype: torch.dtype | None = None,
             kv_views: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-            rope_positions: torch.Tensor | None = None, pair_max_ratio: float = 0.0) -> None:
+            rope_positions: torch.Tensor | None = None, pair_max_ratio: float = 0.0,
+            key_cache: bool = False) -> None:
     """Compile and autotune every Seer kernel variant a request can need, on synthetic inputs.
 
     Autotuned configs are keyed by head dim, page and block size only, and the sizes that change
@@ -205,6 +210,8 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         rope_positions: the per-position cos/sin table the backend passes to :func:`seer_gate`
             (its pooling variant is compiled with it).
         pair_max_ratio: the backend's (its buffers' pair tiles are compiled and autotuned too).
+        key_cache: the backend keeps a pooled-key cache (the pooling variant that reads and
+            writes one is compiled too, on a cache made for the synthetic pages and freed).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
@@ -237,6 +244,15 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         seer_gate(q, k_cache, block_table, cu, lens, weight, inv_freq, sel, bufs, rope_table,
                   grouped_weight, q_scale=q_scale, k_scale=kv_scale,
                   rope_positions=rope_positions)
+        if key_cache:  # twice: the first call stores every complete block, the second reads them
+            kc = PooledKeyCache.allocate(1, pages * page_size, page_size, block_size, hkv,
+                                         head_dim, dev)
+            for _ in range(2):
+                kc.begin_step(torch.zeros(0, dtype=torch.int64, device=dev))
+                seer_gate(q, k_cache, block_table, cu, lens, weight, inv_freq, sel, bufs,
+                          rope_table, grouped_weight, q_scale=q_scale, k_scale=kv_scale,
+                          rope_positions=rope_positions, key_cache=kc.layer(0))
+            del kc
         sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
                              bufs.block_count, torch.empty(q.shape, dtype=out_dtype, device=dev),
                              1.0 / head_dim ** 0.5, block_size, bufs.split, q_scale=q_scale,

@@ -44,6 +44,9 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "min_prefill_tokens": (None, "prefills whose context is shorter stay on the dense path (>= 0; "
                                  "default 2048 on CPU, 4096 on CUDA)"),
     "dense_layers": (None, "list of layer indices that always stay dense"),
+    "pooled_key_cache": (None, "CUDA: keep the gate's pooled keys of complete blocks across the "
+                               "prefill steps of a request (3/64 of a bf16 KV cache's memory at "
+                               "64-token pages; default false)"),
     "pair_max_ratio": (None, "CUDA: run two adjacent query blocks as one 128-row tile when their "
                              "union costs at most this times their own work (0: never; else in "
                              f"[1, 2]; default {DEFAULT_PAIR_MAX_RATIO})"),
@@ -67,6 +70,8 @@ class SeerConfig:
         dense_layers: layers that never take the sparse path.
         pair_max_ratio: work ratio up to which the CUDA kernels run two adjacent query blocks
             as one 128-row tile (0: never).
+        pooled_key_cache: keep the pooled keys of complete key blocks across prefill steps
+            (CUDA; :mod:`vllm_seer.kernels.paged_pool.key_cache`).
     """
 
     gates: Path
@@ -75,6 +80,7 @@ class SeerConfig:
     min_prefill_tokens: int | None = None
     dense_layers: frozenset[int] = field(default_factory=frozenset)
     pair_max_ratio: float = DEFAULT_PAIR_MAX_RATIO
+    pooled_key_cache: bool = False
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> SeerConfig:
@@ -137,7 +143,9 @@ class SeerConfig:
                 or not (pair_ratio == 0 or 1 <= pair_ratio <= 2)):
             raise SeerConfigError(f"seer setting 'pair_max_ratio' must be 0 (no pair tiles) or a "
                                   f"number in [1, 2], got {pair_ratio!r}")
-        return cls(folder, source, selection, min_tokens, frozenset(dense), float(pair_ratio))
+        key_cache = _flag(merged, "pooled_key_cache", False, origin)
+        return cls(folder, source, selection, min_tokens, frozenset(dense), float(pair_ratio),
+                   key_cache)
 
     def for_device(self, device_type: str) -> SeerConfig:
         """This config with ``min_prefill_tokens`` set (the device's default when not given)."""
@@ -157,6 +165,7 @@ class SeerConfig:
             "min_prefill_tokens": str(self.min_prefill_tokens),
             "last_block_dense": str(s.last_block_dense).lower(),
             "pair_max_ratio": f"{self.pair_max_ratio:g}",
+            "pooled_key_cache": str(self.pooled_key_cache).lower(),
         }
 
 

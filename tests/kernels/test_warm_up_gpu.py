@@ -24,6 +24,7 @@ pytestmark = pytest.mark.gpu
 
 HQ, HKV, D, BS = 32, 8, 128, 64
 PAIR_RATIO = 1.25  # the opt-in pair tiles (setting pair_max_ratio), so their kernels count too
+# and the opt-in pooled-key cache (setting pooled_key_cache): its pooling variant too
 MAX_BLOCKS = 2048  # a 128k-token max_model_len
 
 
@@ -71,10 +72,13 @@ def _counts() -> dict[str, tuple[int, int]]:
 
 def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: torch.Tensor,
          inv: torch.Tensor, table: torch.Tensor, grouped: torch.Tensor, fp8: bool = False,
-         layout: str = "token", positions: torch.Tensor | None = None) -> None:
+         layout: str = "token", positions: torch.Tensor | None = None,
+         key_cache: bool = False) -> None:
     """``fp8``: an FP8 cache and query (as vLLM's FlashAttention FP8 path hands them);
     ``layout`` of the cache (``nhd``: vLLM's packed K|V rows, the query then a strided view of a
-    wider QKV-like tensor as vLLM hands it)."""
+    wider QKV-like tensor as vLLM hands it); ``key_cache``: through a pooled-key cache (setting
+    ``pooled_key_cache``), one step that stores and one that reads."""
+    from vllm_seer.kernels.paged_pool.key_cache import PooledKeyCache
     from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
@@ -91,9 +95,15 @@ def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: to
     bufs = SeerBuffers.allocate(plan_batch(b.cu_seqlens_q.tolist(), lens, BS), HQ, HKV, D, dev,
                                 pair_max_ratio=PAIR_RATIO)
     bufs.set_topk(lens, sel)
-    seer_gate(b.q, b.k_cache, b.block_table, b.cu_seqlens_q, b.seq_lens, weight, inv, sel,
-              bufs, table, grouped, q_scale=scales.get("q_scale"), k_scale=scales.get("k_scale"),
-              rope_positions=positions)
+    kc = PooledKeyCache.allocate(1, b.k_cache.shape[0] * page, page, BS, HKV, D, dev) if (
+        key_cache) else None
+    for _ in range(2 if key_cache else 1):
+        if kc is not None:
+            kc.begin_step(torch.zeros(0, dtype=torch.int64, device=dev))
+        seer_gate(b.q, b.k_cache, b.block_table, b.cu_seqlens_q, b.seq_lens, weight, inv, sel,
+                  bufs, table, grouped, q_scale=scales.get("q_scale"),
+                  k_scale=scales.get("k_scale"), rope_positions=positions,
+                  key_cache=kc.layer(0) if kc else None)
     out = torch.full(b.q.shape, float("nan"), dtype=torch.bfloat16, device=dev)
     sparse_prefill_paged(b.q, b.k_cache, b.v_cache, b.block_table, b.cu_seqlens_q, b.seq_lens,
                          bufs.block_index, bufs.block_count, out, 1.0 / math.sqrt(D), BS,
@@ -136,14 +146,15 @@ def test_no_compile_after_warm_up(page: int, fp8: bool, layout: str, sel: Select
 
     warm_up(f8 if fp8 else torch.bfloat16, HQ, HKV, D, page, weight, inv, sel, MAX_BLOCKS, "cuda",
             BS, 16384, table, grouped, kv_dtype=f8 if fp8 else None, out_dtype=torch.bfloat16,
-            kv_views=views, rope_positions=positions, pair_max_ratio=PAIR_RATIO)
+            kv_views=views, rope_positions=positions, pair_max_ratio=PAIR_RATIO, key_cache=True)
     torch.cuda.synchronize()
     before = _counts()
     assert all(c > 0 for c, _ in before.values()), f"the warm-up left kernels unbuilt: {before}"
     cases = [([1000], [1000]), ([20000, 3000], [4096, 3000]), ([70001, 65], [777, 65]),
              ([131072], [8192]), ([40000, 9000, 130], [40000, 1, 130])]
-    for lens, news in cases:
-        _run(lens, news, page, sel, weight, inv, table, grouped, fp8, layout, positions)
+    for i, (lens, news) in enumerate(cases):  # every other batch through a pooled-key cache
+        _run(lens, news, page, sel, weight, inv, table, grouped, fp8, layout, positions,
+             key_cache=i % 2 == 1)
         after = _counts()
         grown = {k: (before[k], v) for k, v in after.items() if v != before[k]}
         assert not grown, f"batch {lens}/{news} compiled or autotuned after the warm-up: {grown}"

@@ -300,12 +300,15 @@ def _variant(tiny: Path, out: Path, **changes: Any) -> Path:
     return out
 
 
-def _vllm_config(model: Path, gates: Path, **model_kwargs: Any) -> Any:
+def _vllm_config(model: Path, gates: Path, seer: dict[str, Any] | None = None,
+                 **model_kwargs: Any) -> Any:
     from vllm.config import CacheConfig, ModelConfig, VllmConfig
 
     cache = CacheConfig(cache_dtype=model_kwargs.pop("cache_dtype", "auto"))
+    extra = {"kv_transfer_config": model_kwargs.pop("kv_transfer_config")} if (
+        "kv_transfer_config" in model_kwargs) else {}
     return VllmConfig(model_config=ModelConfig(model=str(model), **model_kwargs), cache_config=cache,
-                      additional_config={"seer": {"gates": str(gates)}})
+                      additional_config={"seer": {"gates": str(gates), **(seer or {})}}, **extra)
 
 
 def _check(model: Path, gates: Path, **model_kwargs: Any) -> None:
@@ -362,6 +365,23 @@ def test_moe_and_long_rope_variants_pass(tmp_path: Path, variant: str) -> None:
         gates = build_random_gates(tmp_path / "g2", {**plain, "rope_theta": 1e6})
         with pytest.raises(UnsupportedModelError, match="different RoPE frequencies"):
             _check(out, gates, max_model_len=4096)
+
+
+def test_pooled_key_cache_refused_where_it_cannot_work(tiny: Path) -> None:
+    """The pooled-key cache is a CUDA kernel feature, and a KV connector writes pages it is not
+    told about: both refused at start-up, naming the setting."""
+    from vllm.config import KVTransferConfig
+
+    from vllm_seer.backend.runtime import check_startup
+
+    on = {"pooled_key_cache": True}
+    check_startup(_vllm_config(tiny, tiny / "gates", {"pooled_key_cache": False}))
+    with pytest.raises(SeerConfigError, match="'pooled_key_cache' is for CUDA .* runs on cpu"):
+        check_startup(_vllm_config(tiny, tiny / "gates", on))
+    connector = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")
+    with pytest.raises(SeerConfigError, match="'pooled_key_cache' cannot be used with "
+                                              "--kv-transfer-config"):
+        check_startup(_vllm_config(tiny, tiny / "gates", on, kv_transfer_config=connector))
 
 
 def test_partial_rotary_refused_on_cuda_only() -> None:

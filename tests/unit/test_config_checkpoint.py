@@ -122,6 +122,8 @@ def test_config_defaults_from_checkpoint_and_overrides(gates):
                                 "min_prefill_tokens": 0, "last_block_dense": False,
                                 "pair_max_ratio": 0})
     assert cfg.pair_max_ratio == 0.0
+    assert not SeerConfig.from_dict({"gates": str(gates)}).pooled_key_cache  # off by default
+    assert SeerConfig.from_dict({"gates": str(gates), "pooled_key_cache": True}).pooled_key_cache
     assert cfg.selection.method == "threshold" and cfg.selection.threshold == 2e-3
     assert cfg.dense_layers == frozenset({1}) and cfg.min_prefill_tokens == 0
     assert not cfg.selection.last_block_dense
@@ -140,6 +142,7 @@ def test_config_defaults_from_checkpoint_and_overrides(gates):
     ({"pair_max_ratio": 0.5}, r"'pair_max_ratio' must be 0 \(no pair tiles\) or a number in"),
     ({"pair_max_ratio": 2.5}, r"'pair_max_ratio' must be 0"),
     ({"pair_max_ratio": True}, r"'pair_max_ratio' must be 0"),
+    ({"pooled_key_cache": "yes"}, "'pooled_key_cache' must be true or false, got 'yes'"),
 ])
 def test_config_refuses_bad_values(gates, extra, message):
     with pytest.raises(SeerConfigError, match=message):

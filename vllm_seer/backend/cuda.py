@@ -77,6 +77,8 @@ class SeerCUDAMetadataBuilder(FlashAttentionMetadataBuilder):
               fast_build: bool = False) -> SeerStepMetadata:
         rt = get_runtime()
         SeerCUDAMetadataBuilder._steps += 1
+        if rt.key_cache is not None:  # this step's K/V writes make their entries stale
+            rt.key_cache.begin_step(common_attn_metadata.slot_mapping)
         md = build_step(super().build, common_prefix_len, common_attn_metadata, fast_build, rt,
                         rt.num_heads, common_attn_metadata.causal is True,
                         SeerCUDAMetadataBuilder._steps, self.device)
@@ -137,7 +139,8 @@ class SeerCUDAImpl(FlashAttentionImpl):
                     rt.inv_freq.device, rt.block_size, WARMUP_TOKENS, rt.block_rope,
                     rt.grouped_weights[layer], kv_dtype=kv_dtype, out_dtype=out_dtype,
                     kv_views=kv_views, rope_positions=rt.token_rope,
-                    pair_max_ratio=rt.config.pair_max_ratio)
+                    pair_max_ratio=rt.config.pair_max_ratio,
+                    key_cache=rt.config.pooled_key_cache)
         torch.cuda.synchronize()
         SeerCUDAImpl.warmed_pages = tuple(self._page_sizes)
         logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic prefills on %s-token "
@@ -156,6 +159,10 @@ class SeerCUDAImpl(FlashAttentionImpl):
         rt = get_runtime()
         if self._layer is None:
             self._layer = rt.layer_of(layer.layer_name)  # global index, this stage's
+        if (rt.config.pooled_key_cache and rt.key_cache is None
+                and not torch.cuda.is_current_stream_capturing()):
+            # the first forward after vLLM allocated the KV cache (start-up's dummy runs)
+            rt.ensure_key_cache(compat.cuda_kv_views(kv_cache, self.head_size, self._fp8)[0])
         if forward_dense(super().forward, md, self._layer in rt.config.dense_layers, layer, query,
                          key, value, kv_cache, output, output_scale, output_block_scale, *args,
                          **kwargs):
@@ -177,7 +184,8 @@ class SeerCUDAImpl(FlashAttentionImpl):
         seer_gate(q, k_cache, plan.block_table, plan.cu_seqlens_q, plan.seq_lens,
                   rt.weights[self._layer], rt.inv_freq, rt.config.selection, bufs,
                   rt.block_rope, rt.grouped_weights[self._layer], q_scale=scales["q_scale"],
-                  k_scale=scales["k_scale"], rope_positions=rt.token_rope)
+                  k_scale=scales["k_scale"], rope_positions=rt.token_rope,
+                  key_cache=rt.layer_key_cache(self._layer))
         t1 = timer.mark()
         sparse_prefill_paged(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
                              plan.seq_lens, bufs.block_index, bufs.block_count, out, self.scale,

@@ -15,7 +15,7 @@ from vllm_seer.backend import compat
 from vllm_seer.backend.common import SeerRuntime
 from vllm_seer.backend.stage import PipelineStage
 from vllm_seer.checkpoint import read_checkpoint_config
-from vllm_seer.config import SeerConfig
+from vllm_seer.config import SeerConfig, SeerConfigError
 from vllm_seer.validate import ServedModel, check_gates_fit, check_served_model
 
 _RUNTIME: SeerRuntime | None = None
@@ -58,6 +58,15 @@ def check_startup(vllm_config: Any) -> SeerConfig:
     config = SeerConfig.from_additional_config(vllm_config.additional_config)
     model = served_model(vllm_config)
     check_served_model(model)
+    if config.pooled_key_cache:
+        if getattr(vllm_config, "kv_transfer_config", None) is not None:
+            raise SeerConfigError("seer setting 'pooled_key_cache' cannot be used with "
+                                  "--kv-transfer-config: a KV connector writes cache pages "
+                                  "outside the steps that tell the pooled-key cache which "
+                                  "entries are stale")
+        if model.device != "cuda":
+            raise SeerConfigError(f"seer setting 'pooled_key_cache' is for CUDA (the Triton gate); "
+                                  f"this server runs on {model.device}")
     check_gates_fit(read_checkpoint_config(config.gates), config.gates, model)
     return config
 
