@@ -11,6 +11,8 @@ noise floor of the log-probabilities, and each comparison is judged against it.
 2. sparse (threshold, ``last_block_dense`` off, as in the CPU test): unchunked without prefix
    caching is the reference; 256-token chunks with prefix caching on give the same tokens and
    log-probabilities for the full prompts and for one that re-uses 768 cached tokens (a hit);
+   the same chunked run with the pooled-key cache (``pooled_key_cache``) gives bit-identical
+   log-probabilities and tokens (the gate gets the values it would have pooled);
 3. the same sparse settings with full CUDA graphs for decode (``cudagraph_mode FULL_DECODE_ONLY``,
    no torch.compile, so prefill numerics are the eager ones): the prefill log-probabilities equal
    the eager ones, and the greedy continuations diverge from eager decode only where FLASH_ATTN's
@@ -194,8 +196,8 @@ def _run(name: str, model: Path, cfg: dict | None, extra: list[str], t0: float) 
 # flash_eager / flash_graphs: the FLASH_ATTN control of the eager-vs-graphs comparison, served
 # with the flags of unchunked / graphs
 RUN_NAMES = ("flash", "triton", "seer1", "unchunked", "chunked", "graphs", "flash_eager",
-             "flash_graphs")
-SEER_RUNS = ("seer1", "unchunked", "chunked", "graphs")
+             "flash_graphs", "keycache")
+SEER_RUNS = ("seer1", "unchunked", "chunked", "graphs", "keycache")
 
 
 DENSITY1_RUNS = ("flash", "triton", "seer1")
@@ -224,6 +226,9 @@ def _plans(gates: str) -> dict[str, tuple[str, dict | None, list[str]]]:
         "chunked": ("SEER_sparse_chunk256_prefixcache", sparse,
                     [*EAGER, "--max-num-batched-tokens", "256"]),
         "graphs": ("SEER_sparse_full_decode_graphs", sparse, [*BASE, *unchunked, *graphs]),
+        "keycache": ("SEER_sparse_chunk256_prefixcache_pooled_key_cache",
+                     {"seer": {**sparse["seer"], "pooled_key_cache": True}},
+                     [*EAGER, "--max-num-batched-tokens", "256"]),
         "flash_eager": ("FLASH_ATTN_unchunked_nocache", None, [*EAGER, *unchunked, *flash]),
         "flash_graphs": ("FLASH_ATTN_full_decode_graphs", None,
                          [*BASE, *unchunked, *graphs, *flash]),
@@ -242,6 +247,7 @@ def judge(runs: dict[str, dict]) -> tuple[bool, dict[str, Any]]:
     seer_graphs = graph_divergences(runs["unchunked"], runs["graphs"])
     tol = graph_tolerance(control, floor)
     graphs_lp = lp_diff(runs["graphs"], runs["unchunked"])
+    keycache = lp_diff(runs["keycache"], runs["chunked"])
     checks = {
         "noise_floor_flash_vs_triton": {"tokens_equal": same("flash", "triton"), "lp": floor},
         "density1_vs_triton": {"tokens_equal": same("triton", "seer1"), "lp": d1},
@@ -250,6 +256,8 @@ def judge(runs: dict[str, dict]) -> tuple[bool, dict[str, Any]]:
         "control_flash_decode_graphs_vs_eager": {
             **control, "lp": lp_diff(runs["flash_graphs"], runs["flash_eager"])},
         "decode_graphs_vs_eager": {**seer_graphs, "lp": graphs_lp, "tie_tolerance": tol},
+        "pooled_key_cache_vs_chunked": {"tokens_equal": same("chunked", "keycache"),
+                                        "lp": keycache},
     }
     # the same kernels on the same selections: chunking / a cache hit must not move anything
     ok &= chunk["max"] <= max(floor["max"], 0.02) and all(same("unchunked", "chunked"))
@@ -258,6 +266,9 @@ def judge(runs: dict[str, dict]) -> tuple[bool, dict[str, Any]]:
     ok &= graphs_lp["max"] <= max(floor["max"], 0.02)
     ok &= all(m <= tol for _, m in seer_graphs["divergences"])
     ok &= runs["chunked"]["prefix_cache_hit_tokens"] >= 768
+    # the pooled-key cache hands the gate the very values it would pool: bit-identical
+    ok &= keycache["max"] == 0.0 and all(same("chunked", "keycache"))
+    ok &= runs["keycache"]["prefix_cache_hit_tokens"] >= 768
     ok &= all(runs[k]["computed"] > 0 for k in SEER_RUNS)
     ok &= runs["seer1"]["computed"] == runs["seer1"]["possible"]
     ok &= all(runs[k]["gate_s"] > 0 and runs[k]["attn_s"] > 0 for k in SEER_RUNS)

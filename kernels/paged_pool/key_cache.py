@@ -62,6 +62,17 @@ def entry_index(block_table_row: torch.Tensor, kb: int, page_size: int, block_si
     return (page * page_size + last % page_size) // tokens
 
 
+def require_memory(need: int, free: int, layers: int, pages: int, page_size: int) -> None:
+    """Raise ``RuntimeError`` naming the sizes and what to change when ``need`` bytes for the
+    cache exceed the ``free`` bytes the GPU has left after vLLM's KV cache."""
+    if need > free:
+        raise RuntimeError(
+            f"Seer backend: the pooled-key cache ('pooled_key_cache') needs {need / 2**20:.0f} MiB "
+            f"for {layers} layers x {pages} pages of {page_size} tokens, the GPU has "
+            f"{free / 2**20:.0f} MiB free after vLLM's KV cache: lower --gpu-memory-utilization "
+            "or turn the setting off")
+
+
 @dataclass
 class LayerKeyCache:
     """One layer's view of a :class:`PooledKeyCache`, as the pooling kernels take it.

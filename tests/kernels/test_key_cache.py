@@ -16,6 +16,7 @@ from vllm_seer.kernels.paged_pool.key_cache import (
     PooledKeyCache,
     entry_index,
     entry_tokens,
+    require_memory,
 )
 
 from vllm_seer.gate import block_rope_table
@@ -141,6 +142,16 @@ def test_key_cache_refuses_misfits() -> None:
     other.begin_step(torch.zeros(0, dtype=torch.int64, device=DEVICE))
     with pytest.raises(ValueError, match=r"expected contiguous \[E, 1, 192\] float32"):
         pool_qk(*args, key_cache=other.layer(0))
+
+
+def test_key_cache_memory_check_names_the_sizes() -> None:
+    need = PooledKeyCache.bytes_for(32, 480_000, 64, 64, 8, 128)  # Llama-3.1-8B, 480k slots
+    assert need == 32 * 7500 * 8 * (3 * 128 * 4 + 4)
+    require_memory(need, need, 32, 7500, 64)
+    with pytest.raises(RuntimeError, match=r"needs 2819 MiB for 32 layers x 7500 pages of 64 "
+                                           r"tokens, the GPU has 2048 MiB free .* lower "
+                                           "--gpu-memory-utilization"):
+        require_memory(need, 2048 * 2**20, 32, 7500, 64)
 
 
 def test_key_cache_steps_restart_before_int32_overflow() -> None:

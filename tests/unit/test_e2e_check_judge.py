@@ -108,6 +108,17 @@ def test_prefill_moved_under_graphs_fails():
     assert not e2e_check.judge(runs)[0]
 
 
+def test_pooled_key_cache_must_be_bit_identical_to_chunked():
+    runs = _runs()
+    assert e2e_check.judge(runs)[0]
+    runs["keycache"]["prompt_lp"][2][7] += 1e-6  # any difference: a stale or wrong cached key
+    ok, checks = e2e_check.judge(runs)
+    assert not ok and checks["pooled_key_cache_vs_chunked"]["lp"]["max"] == pytest.approx(1e-6)
+    runs = _runs()
+    runs["keycache"]["prefix_cache_hit_tokens"] = 0.0  # the prefix hit not exercised
+    assert not e2e_check.judge(runs)[0]
+
+
 def test_tolerance_follows_a_noisier_control():
     floor = {"max": 0.01, "mean": 0.001}
     assert e2e_check.graph_tolerance({"divergences": []}, floor) == e2e_check.TIE_MIN

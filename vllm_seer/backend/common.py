@@ -29,7 +29,7 @@ from vllm_seer.backend.stage import PipelineStage, reporting_stage
 from vllm_seer.checkpoint import GateCheckpoint, load_gates
 from vllm_seer.config import SeerConfig, SeerConfigError
 from vllm_seer.gate import block_rope_table, gate_mask, group_gate_weight
-from vllm_seer.kernels.paged_pool.key_cache import LayerKeyCache, PooledKeyCache
+from vllm_seer.kernels.paged_pool.key_cache import LayerKeyCache, PooledKeyCache, require_memory
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
 from vllm_seer.metrics import WorkerStats
 from vllm_seer.rope import RopeSpec
@@ -307,13 +307,7 @@ class SeerRuntime:
                                             self.num_kv_heads, self.head_dim)
         except ValueError as e:
             raise SeerConfigError(f"seer setting 'pooled_key_cache': {e}") from e
-        free, _ = torch.cuda.mem_get_info(k_cache.device)
-        if need > free:
-            raise RuntimeError(
-                f"Seer backend: the pooled-key cache ('pooled_key_cache') needs {need / 2**20:.0f} "
-                f"MiB for {layers} layers x {pages} pages of {page} tokens, the GPU has "
-                f"{free / 2**20:.0f} MiB free after vLLM's KV cache: lower "
-                "--gpu-memory-utilization or turn the setting off")
+        require_memory(need, torch.cuda.mem_get_info(k_cache.device)[0], layers, pages, page)
         self.key_cache = PooledKeyCache.allocate(layers, pages * page, page, self.block_size,
                                                  self.num_kv_heads, self.head_dim, k_cache.device)
         # a step under way (its builder ran before the cache existed): nothing is valid yet, so
