@@ -62,15 +62,17 @@ def entry_index(block_table_row: torch.Tensor, kb: int, page_size: int, block_si
     return (page * page_size + last % page_size) // tokens
 
 
-def require_memory(need: int, free: int, layers: int, pages: int, page_size: int) -> None:
-    """Raise ``RuntimeError`` naming the sizes and what to change when ``need`` bytes for the
-    cache exceed the ``free`` bytes the GPU has left after vLLM's KV cache."""
-    if need > free:
-        raise RuntimeError(
-            f"Seer backend: the pooled-key cache ('pooled_key_cache') needs {need / 2**20:.0f} MiB "
-            f"for {layers} layers x {pages} pages of {page_size} tokens, the GPU has "
-            f"{free / 2**20:.0f} MiB free after vLLM's KV cache: lower --gpu-memory-utilization "
-            "or turn the setting off")
+def bytes_per_slot(num_layers: int, page_size: int, block_size: int, num_kv_heads: int,
+                   head_dim: int) -> float:
+    """Cache bytes per KV-cache token slot (entries are ``min(page_size, block_size)`` slots)."""
+    return num_layers * num_kv_heads * (3 * head_dim * 4 + 4) / entry_tokens(page_size, block_size)
+
+
+def reserve_bytes(budget: int, kv_bytes_per_slot: float, cache_bytes_per_slot: float) -> int:
+    """The share of ``budget`` bytes (what the KV cache and this cache will split) that the cache
+    of a KV cache filling the rest needs: ``budget * c / (kv + c)``, rounded up to 4 KiB."""
+    share = budget * cache_bytes_per_slot / (kv_bytes_per_slot + cache_bytes_per_slot)
+    return int(-(-share // 4096) * 4096)
 
 
 @dataclass
@@ -143,6 +145,26 @@ class PooledKeyCache:
         stamps = torch.zeros(num_layers, e, num_kv_heads, dtype=torch.int32, device=device)
         return cls(data, stamps, tokens)
 
+    @classmethod
+    def from_storage(cls, storage: torch.Tensor, num_layers: int, num_slots: int, page_size: int,
+                     block_size: int, num_kv_heads: int, head_dim: int) -> PooledKeyCache:
+        """The cache laid out in ``storage`` (flat ``uint8``, memory reserved earlier); raises
+        ``RuntimeError`` naming both sizes when it is too small."""
+        need = cls.bytes_for(num_layers, num_slots, page_size, block_size, num_kv_heads, head_dim)
+        if storage.dtype != torch.uint8 or storage.dim() != 1 or need > storage.numel():
+            raise RuntimeError(f"Seer backend: the pooled-key cache needs {need} bytes for "
+                               f"{num_layers} layers x {num_slots} KV slots ({page_size}-token "
+                               f"pages), {storage.numel()} bytes were reserved at start-up")
+        tokens = entry_tokens(page_size, block_size)
+        e = num_slots // tokens
+        n_data = num_layers * e * num_kv_heads * 3 * head_dim
+        data = storage[:4 * n_data].view(torch.float32).view(num_layers, e, num_kv_heads,
+                                                             3 * head_dim)
+        stamps = storage[4 * n_data:4 * n_data + 4 * num_layers * e * num_kv_heads]
+        stamps = stamps.view(torch.int32).view(num_layers, e, num_kv_heads)
+        stamps.zero_()
+        return cls(data, stamps, tokens)
+
     @staticmethod
     def bytes_for(num_layers: int, num_slots: int, page_size: int, block_size: int,
                   num_kv_heads: int, head_dim: int) -> int:
@@ -157,15 +179,20 @@ class PooledKeyCache:
     def begin_step(self, slot_mapping: torch.Tensor) -> None:
         """A new step writes K/V at ``slot_mapping`` (``[T]`` int, negative = padding): advance
         the stamp and invalidate the entries those slots fall in (every layer and head). No host
-        synchronisation (one ``index_fill_`` on the device)."""
+        synchronisation (on CUDA one Triton launch, :func:`paged_pool.triton.invalidate`)."""
         if self.step >= STAMP_LIMIT:  # int32 stamps: restart counting with nothing valid
             self.stamps.zero_()
             self.step = 0
         self.step += 1
-        if slot_mapping.numel():
-            # padding slots (-1) clamp to entry 0: at worst one needless re-pooling
-            entries = slot_mapping.clamp(min=0).div(self.entry_tokens, rounding_mode="floor")
-            self.stamps.index_fill_(1, entries.to(torch.int64), 0)
+        # padding slots (-1) count as slot 0: at worst one needless re-pooling
+        if self.stamps.is_cuda:  # one launch (torch's clamp / div / index_fill_ take three)
+            from vllm_seer.kernels.paged_pool.triton import invalidate
+
+            invalidate(self.stamps, slot_mapping, self.entry_tokens)
+        else:
+            from vllm_seer.kernels.paged_pool.naive import invalidate_ref
+
+            invalidate_ref(self.stamps, slot_mapping, self.entry_tokens)
 
     def entry_of(self, block_table_row: torch.Tensor, kb: int, page_size: int,
                  block_size: int) -> int:

@@ -106,6 +106,14 @@ def pool_q_varlen_ref(
     return out
 
 
+def invalidate_ref(stamps: torch.Tensor, slot_mapping: torch.Tensor, entry_tokens: int) -> None:
+    """Zero ``stamps`` ``[L, E, Hkv]`` at every entry ``max(slot, 0) // entry_tokens`` of
+    ``slot_mapping`` ``[T]`` (negative slots are padding: entry 0)."""
+    if slot_mapping.numel():
+        entries = slot_mapping.clamp(min=0).div(entry_tokens, rounding_mode="floor")
+        stamps.index_fill_(1, entries.to(torch.int64), 0)
+
+
 def _through_cache(kc: LayerKeyCache, k_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, k_out: torch.Tensor, block_size: int) -> None:
     """Replace / store ``k_out``'s complete blocks by the rule of ``pool_qk_ref``'s key cache."""

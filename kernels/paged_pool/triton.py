@@ -416,3 +416,35 @@ def pool_qk(
         ENTRY_TOKENS=kc.entry_tokens if kc else 1,
     )
     return k_out, q_out
+
+
+@triton.jit
+def _invalidate_kernel(st_ptr, slot_ptr, T, E, L, HKV: tl.constexpr, HKV_P2: tl.constexpr,
+                       ENTRY_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr):
+    # grid (cdiv(T, BLOCK_T),): zero the stamps [L, E, HKV] of the entries these slots fall in
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < T
+    slot = tl.load(slot_ptr + t, mask=ok, other=0).to(tl.int64)
+    e = tl.maximum(slot, 0) // ENTRY_TOKENS  # padding (-1) -> entry 0: one needless re-pooling
+    h = tl.arange(0, HKV_P2)
+    m = ok[:, None] & (h < HKV)[None, :]
+    zero = tl.zeros((BLOCK_T, HKV_P2), dtype=tl.int32)
+    for layer in range(L):
+        tl.store(st_ptr + (layer * E + e)[:, None] * HKV + h[None, :], zero, mask=m)
+
+
+def invalidate(stamps: torch.Tensor, slot_mapping: torch.Tensor, entry_tokens: int) -> None:
+    """Zero ``stamps`` ``[L, E, Hkv]`` int32 (contiguous) at every entry ``max(slot, 0) //
+    entry_tokens`` of ``slot_mapping`` ``[T]`` (any integer dtype), every layer and head, in one
+    launch (:func:`vllm_seer.kernels.paged_pool.naive.invalidate_ref`)."""
+    if stamps.dtype != torch.int32 or stamps.dim() != 3 or not stamps.is_contiguous():
+        raise ValueError(f"stamps {tuple(stamps.shape)} {stamps.dtype}: expected contiguous "
+                         "[L, E, Hkv] int32")
+    n = slot_mapping.numel()
+    if n == 0:
+        return
+    layers, e, hkv = stamps.shape
+    block_t = 64
+    _invalidate_kernel[(triton.cdiv(n, block_t),)](
+        stamps, slot_mapping, n, e, layers, HKV=hkv, HKV_P2=triton.next_power_of_2(hkv),
+        ENTRY_TOKENS=entry_tokens, BLOCK_T=block_t)

@@ -14,9 +14,10 @@ from _paged import DEVICE, make_batch
 from vllm_seer.kernels.paged_pool.key_cache import (
     STAMP_LIMIT,
     PooledKeyCache,
+    bytes_per_slot,
     entry_index,
     entry_tokens,
-    require_memory,
+    reserve_bytes,
 )
 
 from vllm_seer.gate import block_rope_table
@@ -144,14 +145,42 @@ def test_key_cache_refuses_misfits() -> None:
         pool_qk(*args, key_cache=other.layer(0))
 
 
-def test_key_cache_memory_check_names_the_sizes() -> None:
-    need = PooledKeyCache.bytes_for(32, 480_000, 64, 64, 8, 128)  # Llama-3.1-8B, 480k slots
-    assert need == 32 * 7500 * 8 * (3 * 128 * 4 + 4)
-    require_memory(need, need, 32, 7500, 64)
-    with pytest.raises(RuntimeError, match=r"needs 2819 MiB for 32 layers x 7500 pages of 64 "
-                                           r"tokens, the GPU has 2048 MiB free .* lower "
-                                           "--gpu-memory-utilization"):
-        require_memory(need, 2048 * 2**20, 32, 7500, 64)
+def test_key_cache_reserve_covers_the_kv_cache_vllm_sizes_after_it() -> None:
+    """The profiling run reserves the cache's share of the budget left; whatever KV cache vLLM
+    then fits into the rest (at most that budget), the cache laid out for it fits the reserve."""
+    kv = 32 * 2 * 8 * 128 * 2  # Llama-3.1-8B bf16 bytes per token, all layers
+    c = bytes_per_slot(32, 16, 64, 8, 128)  # the smallest page the server may get
+    assert c == 32 * 8 * (3 * 128 * 4 + 4) / 16
+    budget = 60 * 2**30
+    size = reserve_bytes(budget, kv, c)
+    slots = (budget - size) // kv  # the KV cache vLLM sizes from what is left
+    assert PooledKeyCache.bytes_for(32, slots // 16 * 16, 16, 64, 8, 128) <= size
+    storage = torch.empty(size, dtype=torch.uint8, device=DEVICE)
+    cache = PooledKeyCache.from_storage(storage, 32, slots // 16 * 16, 16, 64, 8, 128)
+    assert cache.data.shape == (32, slots // 16, 8, 384) and not cache.stamps.any()
+    assert cache.data.data_ptr() == storage.data_ptr()
+    with pytest.raises(RuntimeError, match=r"needs \d+ bytes .* were reserved at start-up"):
+        PooledKeyCache.from_storage(storage[:4096], 32, slots // 16 * 16, 16, 64, 8, 128)
+
+
+def test_backend_lays_the_cache_out_in_the_reserve() -> None:
+    from types import SimpleNamespace
+
+    from vllm_seer.backend import pooled_keys
+    from vllm_seer.config import SeerConfigError
+
+    with pytest.raises(SeerConfigError, match="'pooled_key_cache': .*page size \\(48\\)"):
+        pooled_keys.check_pages([16, 48], 64)
+    pooled_keys.check_pages([16, 64, 128], 64)
+    k_cache = torch.zeros(10, 64, 2, 64, device=DEVICE)
+    rt = SimpleNamespace(key_cache=None, key_cache_reserve=None, sparse_layers=(0, 2),
+                         block_size=64, num_kv_heads=2, head_dim=64)
+    pooled_keys.ensure(rt, k_cache)  # no reserve (setting off): nothing
+    assert rt.key_cache is None
+    rt.key_cache_reserve = torch.full((2**20,), 7, dtype=torch.uint8, device=DEVICE)
+    pooled_keys.ensure(rt, k_cache)
+    assert rt.key_cache.data.shape == (2, 10, 2, 192) and rt.key_cache.step == 1
+    assert not rt.key_cache.stamps.any()  # nothing valid before a kernel stores it
 
 
 def test_key_cache_steps_restart_before_int32_overflow() -> None:
@@ -172,3 +201,21 @@ def test_key_cache_steps_restart_before_int32_overflow() -> None:
 def test_key_cache_gpu(page: int) -> None:
     # Llama-3.1-8B KV shapes, two requests prefilled in 2k chunks
     _chunked(page, 64, 8, 128, [9000, 4160], 2048, torch.bfloat16)
+
+
+@pytest.mark.parametrize("hkv,tokens", [(8, 64), (3, 16)])
+def test_invalidate_kernel_matches_reference(hkv: int, tokens: int) -> None:
+    from vllm_seer.kernels.paged_pool.naive import invalidate_ref
+    from vllm_seer.kernels.paged_pool.triton import invalidate
+
+    stamps = torch.randint(1, 50, (3, 40, hkv), dtype=torch.int32, device=DEVICE)
+    slots = torch.randint(0, 40 * tokens, (150,), device=DEVICE)
+    slots[::17] = -1  # padding
+    want = stamps.clone()
+    invalidate_ref(want, slots, tokens)
+    invalidate(stamps, slots.to(torch.int32), tokens)
+    assert torch.equal(stamps, want) and (want == 0).any() and (want > 0).any()
+    invalidate(stamps, slots[:0], tokens)  # an empty step: nothing
+    assert torch.equal(stamps, want)
+    with pytest.raises(ValueError, match=r"expected contiguous \[L, E, Hkv\] int32"):
+        invalidate(stamps.transpose(0, 1), slots, tokens)

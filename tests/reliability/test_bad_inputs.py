@@ -379,8 +379,8 @@ def test_pooled_key_cache_refused_where_it_cannot_work(tiny: Path) -> None:
     with pytest.raises(SeerConfigError, match="'pooled_key_cache' is for CUDA .* runs on cpu"):
         check_startup(_vllm_config(tiny, tiny / "gates", on))
     connector = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")
-    with pytest.raises(SeerConfigError, match="'pooled_key_cache' cannot be used with "
-                                              "--kv-transfer-config"):
+    with pytest.raises(SeerConfigError, match=r"'pooled_key_cache' cannot be used with "
+                                              r"--kv-transfer-config \(or KV offloading"):
         check_startup(_vllm_config(tiny, tiny / "gates", on, kv_transfer_config=connector))
 
 

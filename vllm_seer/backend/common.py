@@ -27,9 +27,9 @@ import torch
 from vllm_seer.backend import compat
 from vllm_seer.backend.stage import PipelineStage, reporting_stage
 from vllm_seer.checkpoint import GateCheckpoint, load_gates
-from vllm_seer.config import SeerConfig, SeerConfigError
+from vllm_seer.config import SeerConfig
 from vllm_seer.gate import block_rope_table, gate_mask, group_gate_weight
-from vllm_seer.kernels.paged_pool.key_cache import LayerKeyCache, PooledKeyCache, require_memory
+from vllm_seer.kernels.paged_pool.key_cache import LayerKeyCache, PooledKeyCache
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
 from vllm_seer.metrics import WorkerStats
 from vllm_seer.rope import RopeSpec
@@ -274,8 +274,9 @@ class SeerRuntime:
             self.grouped_weights = {i: group_gate_weight(self.weights[i], num_kv_heads)
                                     for i in self.stage.layers}
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        # the pooled-key cache (``pooled_key_cache``, CUDA): its size follows the KV cache's
-        # slots, so the first forward that sees the KV cache allocates it (ensure_key_cache)
+        # the pooled-key cache (``pooled_key_cache``, CUDA; vllm_seer.backend.pooled_keys): its
+        # memory reserved in vLLM's profiling run, its entries laid out once the KV cache exists
+        self.key_cache_reserve: torch.Tensor | None = None
         self.key_cache: PooledKeyCache | None = None
         self.sparse_index = {layer: i for i, layer in enumerate(self.sparse_layers)}
         # rows up to this many query tokens are decodes (speculative verification rows included)
@@ -293,29 +294,6 @@ class SeerRuntime:
                     self.config.gates_source, self.num_layers, self.stage.describe(),
                     list(self.sparse_layers), self.config.selection,
                     self.config.min_prefill_tokens, self.decode_max_query_len)
-
-    def ensure_key_cache(self, k_cache: torch.Tensor) -> None:
-        """Allocate the pooled-key cache for ``k_cache`` ``[P, page, Hkv, D]`` once (when the
-        setting is on): every sparse layer of this stage, ``3D * 4 + 4`` bytes per KV head and
-        entry. Raises ``RuntimeError`` naming the sizes when the GPU has not that much left."""
-        if self.key_cache is not None or not self.config.pooled_key_cache:
-            return
-        pages, page = int(k_cache.shape[0]), int(k_cache.shape[1])
-        layers = len(self.sparse_layers)
-        try:
-            need = PooledKeyCache.bytes_for(layers, pages * page, page, self.block_size,
-                                            self.num_kv_heads, self.head_dim)
-        except ValueError as e:
-            raise SeerConfigError(f"seer setting 'pooled_key_cache': {e}") from e
-        require_memory(need, torch.cuda.mem_get_info(k_cache.device)[0], layers, pages, page)
-        self.key_cache = PooledKeyCache.allocate(layers, pages * page, page, self.block_size,
-                                                 self.num_kv_heads, self.head_dim, k_cache.device)
-        # a step under way (its builder ran before the cache existed): nothing is valid yet, so
-        # its writes need no invalidation, only a stamp for what it stores
-        self.key_cache.begin_step(k_cache.new_zeros(0, dtype=torch.int64))
-        logger.info("Seer pooled-key cache: %.1f MiB (%d layers x %d entries x %d KV heads)",
-                    self.key_cache.nbytes / 2**20, layers, self.key_cache.data.shape[1],
-                    self.num_kv_heads)
 
     def layer_key_cache(self, layer: int) -> LayerKeyCache | None:
         """This step's view of ``layer``'s pooled-key entries (``None`` without the cache)."""

@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from vllm_seer.backend import compat
+from vllm_seer.backend import compat, pooled_keys
 from vllm_seer.backend.common import (
     SeerStepMetadata,
     StepTimer,
@@ -105,6 +105,10 @@ class SeerCUDAImpl(FlashAttentionImpl):
         # the page size(s) vLLM will pick (it asks the backend after the layers exist)
         self._page_sizes = compat.expected_page_sizes(cfg.cache_config,
                                                       SeerCUDABackend.get_preferred_block_size)
+        rt = get_runtime()
+        if rt.config.pooled_key_cache:
+            pooled_keys.check_pages(self._page_sizes, rt.block_size)
+        self._cache_config = cfg.cache_config
         self._layer: int | None = None
         # None: a 16-bit cache; e4m3 for fp8 / fp8_e4m3 (start-up refused the other encodings)
         self._fp8 = compat.fp8_cache_dtype(str(self.kv_cache_dtype))
@@ -128,6 +132,9 @@ class SeerCUDAImpl(FlashAttentionImpl):
         t0 = time.perf_counter()
         max_blocks = rt.block_rope.shape[0]
         kv_dtype = self._fp8 or out_dtype
+        # before vLLM sizes its KV cache from what this run leaves free
+        pooled_keys.reserve(rt, self._cache_config, self._page_sizes,
+                            torch.empty(0, dtype=kv_dtype).element_size(), rt.inv_freq.device)
         for page in self._page_sizes:
             def kv_views(pages: int, page: int = page) -> tuple[torch.Tensor, torch.Tensor]:
                 cache = compat.synthetic_kv_cache(SeerCUDABackend, pages, page, self.num_kv_heads,
@@ -159,10 +166,10 @@ class SeerCUDAImpl(FlashAttentionImpl):
         rt = get_runtime()
         if self._layer is None:
             self._layer = rt.layer_of(layer.layer_name)  # global index, this stage's
-        if (rt.config.pooled_key_cache and rt.key_cache is None
+        if (rt.key_cache is None and rt.key_cache_reserve is not None
                 and not torch.cuda.is_current_stream_capturing()):
-            # the first forward after vLLM allocated the KV cache (start-up's dummy runs)
-            rt.ensure_key_cache(compat.cuda_kv_views(kv_cache, self.head_size, self._fp8)[0])
+            # the first forward after vLLM allocated the KV cache: entries laid out in the reserve
+            pooled_keys.ensure(rt, compat.cuda_kv_views(kv_cache, self.head_size, self._fp8)[0])
         if forward_dense(super().forward, md, self._layer in rt.config.dense_layers, layer, query,
                          key, value, kv_cache, output, output_scale, output_block_scale, *args,
                          **kwargs):

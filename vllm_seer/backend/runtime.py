@@ -61,9 +61,9 @@ def check_startup(vllm_config: Any) -> SeerConfig:
     if config.pooled_key_cache:
         if getattr(vllm_config, "kv_transfer_config", None) is not None:
             raise SeerConfigError("seer setting 'pooled_key_cache' cannot be used with "
-                                  "--kv-transfer-config: a KV connector writes cache pages "
-                                  "outside the steps that tell the pooled-key cache which "
-                                  "entries are stale")
+                                  "--kv-transfer-config (or KV offloading, which sets it): a KV "
+                                  "connector writes cache pages outside the steps that tell the "
+                                  "pooled-key cache which entries are stale")
         if model.device != "cuda":
             raise SeerConfigError(f"seer setting 'pooled_key_cache' is for CUDA (the Triton gate); "
                                   f"this server runs on {model.device}")
