@@ -219,3 +219,40 @@ def test_invalidate_kernel_matches_reference(hkv: int, tokens: int) -> None:
     assert torch.equal(stamps, want)
     with pytest.raises(ValueError, match=r"expected contiguous \[L, E, Hkv\] int32"):
         invalidate(stamps.transpose(0, 1), slots, tokens)
+
+
+@pytest.mark.parametrize("page", [16, 64])
+def test_key_cache_prefix_shared_pages(page: int) -> None:
+    """Request 1 shares request 0's first two blocks' pages (a prefix-cache hit): in one step
+    both pool and store those entries (the same values), in the next request 1 reads them; layer
+    1 of a two-layer cache, layer 0 untouched."""
+    from vllm_seer.kernels.paged_pool import pool_qk
+
+    bs, hkv, d = 64, 2, 64
+    batch = make_batch([300, 260], [300, 260], 4, hkv, d, page, torch.float16, "token", DEVICE)
+    shared = 2 * bs // page
+    batch.block_table[1, :shared] = batch.block_table[0, :shared]
+    inv = RopeSpec(d, 10000.0).inv_freq().to(DEVICE)
+    table = block_rope_table(inv, 301, 1)
+    cache = PooledKeyCache.allocate(2, batch.k_cache.shape[0] * page, page, bs, hkv, d, DEVICE)
+    # step 1: request 0 whole, request 1 up to its third block (both store blocks 0-1)
+    cache.begin_step(torch.cat([_slots(batch.block_table, 0, 0, 300, page),
+                                _slots(batch.block_table, 1, 2 * bs, 200, page)]))
+    got = _pool(pool_qk, batch, [300, 200], [300, 72], inv, bs, table, cache.layer(1))
+    fresh = _pool(pool_qk, batch, [300, 200], [300, 72], inv, bs, table)
+    torch.testing.assert_close(got, fresh, rtol=0, atol=0, equal_nan=True)
+    assert not cache.stamps[0].any()
+    for kb in range(2):
+        e0 = entry_index(batch.block_table[0], kb, page, bs, cache.entry_tokens)
+        assert e0 == entry_index(batch.block_table[1], kb, page, bs, cache.entry_tokens)
+        assert (cache.stamps[1, e0] == 1).all()
+    # step 2: request 1 goes on and reads the shared entries (K there changed behind the cache:
+    # the cached values come out, as a prefix hit must not re-pool)
+    saved = batch.k_cache[int(batch.block_table[0, 0]), 0].clone()
+    batch.k_cache[int(batch.block_table[0, 0]), 0] += 1.0
+    cache.begin_step(_slots(batch.block_table, 1, 200, 260, page))
+    got = _pool(pool_qk, batch, [0, 260], [0, 60], inv, bs, table, cache.layer(1))
+    torch.testing.assert_close(got[1, 0], fresh[1, 0], rtol=0, atol=0)
+    batch.k_cache[int(batch.block_table[0, 0]), 0] = saved
+    torch.testing.assert_close(got[1, :5], _pool(pool_qk, batch, [0, 260], [0, 60], inv, bs,
+                                                  table)[1, :5], rtol=0, atol=0, equal_nan=True)
