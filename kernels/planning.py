@@ -247,8 +247,8 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         if key_cache:  # twice: the first call stores every complete block, the second reads them
             kc = PooledKeyCache.allocate(1, pages * page_size, page_size, block_size, hkv,
                                          head_dim, dev)
-            for _ in range(2):
-                kc.begin_step(torch.zeros(0, dtype=torch.int64, device=dev))
+            for _ in range(2):  # (slot 0 written: one block re-pooled, the others read)
+                kc.begin_step(torch.zeros(16, dtype=torch.int64, device=dev))
                 seer_gate(q, k_cache, block_table, cu, lens, weight, inv_freq, sel, bufs,
                           rope_table, grouped_weight, q_scale=q_scale, k_scale=kv_scale,
                           rope_positions=rope_positions, key_cache=kc.layer(0))

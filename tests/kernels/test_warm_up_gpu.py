@@ -34,7 +34,7 @@ def _jit_functions() -> list:
     from vllm_seer.kernels.sparse_prefill import pairs, split
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
-    return [bsel._scores_kernel, bsel._select_kernel, pool._pool_qk_kernel,
+    return [bsel._scores_kernel, bsel._select_kernel, pool._pool_qk_kernel, pool._invalidate_kernel,
             sp._sparse_prefill_kernel, split._plan_kernel, split._combine_kernel,
             pairs._pair_plan_kernel, pairs._pair_kernel]
 
@@ -98,8 +98,11 @@ def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: to
     kc = PooledKeyCache.allocate(1, b.k_cache.shape[0] * page, page, BS, HKV, D, dev) if (
         key_cache) else None
     for _ in range(2 if key_cache else 1):
-        if kc is not None:
-            kc.begin_step(torch.zeros(0, dtype=torch.int64, device=dev))
+        if kc is not None:  # vLLM's int64 slot mapping of this step's new tokens
+            kc.begin_step(torch.cat([
+                b.block_table[r, torch.arange(L - n, L, device=dev) // page].long() * page
+                + torch.arange(L - n, L, device=dev) % page
+                for r, (L, n) in enumerate(zip(lens, news, strict=True))]))
         seer_gate(b.q, b.k_cache, b.block_table, b.cu_seqlens_q, b.seq_lens, weight, inv, sel,
                   bufs, table, grouped, q_scale=scales.get("q_scale"),
                   k_scale=scales.get("k_scale"), rope_positions=positions,
