@@ -99,6 +99,22 @@ def shard_files(paths: list[str], jobs: int) -> list[list[str]]:
     return shards
 
 
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """``(paths, options)`` of pytest arguments: options start with ``-`` (``-k`` / ``-m`` /
+    ``-p`` take the next argument as their value); every shard gets all options."""
+    paths: list[str] = []
+    opts: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a in ("-k", "-m", "-p"):
+            opts += [a, next(it)]
+        elif a.startswith("-"):
+            opts.append(a)
+        else:
+            paths.append(a)
+    return paths, opts
+
+
 def read_junit(junit: str) -> tuple[int, int, list[str]]:
     """(tests, skipped, failed test ids) of one pytest junit file."""
     suite = ET.parse(junit).getroot()
@@ -130,7 +146,11 @@ def main() -> None:
     from code_tree import code_trees
 
     trees = code_trees()  # of the files that ran (the host's copy has no usable .git)
-    shards = shard_files(args.pytest_args, args.jobs) if args.jobs > 1 else [args.pytest_args]
+    if args.jobs > 1:
+        paths, opts = split_args(args.pytest_args)
+        shards = [[*shard, *opts] for shard in shard_files(paths, args.jobs)]
+    else:
+        shards = [args.pytest_args]
     procs = []
     for i, shard in enumerate(shards):
         junit = f"{args.out}.{i}.xml"

@@ -74,3 +74,9 @@ def test_shards_deal_every_file_once_largest_first(tmp_path: Path) -> None:
     assert sorted(len(s) for s in mod.shard_files([str(tmp_path)], 9)) == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="neither a test file nor a directory"):
         mod.shard_files([str(tmp_path), "-k"], 2)
+
+
+def test_pytest_options_go_to_every_shard() -> None:
+    mod = _mod()
+    assert mod.split_args(["tests/kernels", "-k", "not vllm", "-x", "tests/unit"]) == (
+        ["tests/kernels", "tests/unit"], ["-k", "not vllm", "-x"])
