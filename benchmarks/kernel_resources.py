@@ -140,6 +140,37 @@ def compile_scores(arch: int, group: int, g: int, config: triton.Config) -> dict
     return _compile_gate_kernel(bsel._scores_kernel.fn, arch, pointers, const, "scale", config)
 
 
+def compile_pool(arch: int, page: int, cached: bool, config: triton.Config) -> dict:
+    """Compile the gate's pooling kernel ``_pool_qk_kernel`` (bf16 K and Q, per-position cos/sin
+    table) for ``sm_<arch>``, with (``cached``) or without the pooled-key cache."""
+    from vllm_seer.kernels.paged_pool import triton as pool
+
+    pointers = {"k_ptr": "*bf16", "bt_ptr": "*i32", "ko_ptr": "*fp32", "q_ptr": "*bf16",
+                "cu_ptr": "*i32", "qo_ptr": "*fp32", "lens_ptr": "*i32", "f_ptr": "*fp32",
+                "t_ptr": "*fp32"}
+    const = dict(HKV=8, HQ=32, HALF=64, BLOCK_HALF=64, PAGE_SIZE=page, BLOCK=64, HAS_ROPE=True,
+                 HAS_TABLE=True, LIBDEVICE=True, K_SCALED=False, Q_SCALED=False, CACHED=cached,
+                 ENTRY_TOKENS=min(page, 64), ks_ptr=None, qs_ptr=None, **config.kwargs)
+    if cached:
+        pointers.update(pc_ptr="*fp32", st_ptr="*i32")
+    else:
+        const.update(pc_ptr=None, st_ptr=None)
+    fn = pool._pool_qk_kernel
+    while not isinstance(fn, triton.runtime.JITFunction):  # under heuristics and autotune
+        fn = fn.fn
+    return _compile_gate_kernel(fn, arch, pointers, const, "", config)
+
+
+def compile_invalidate(arch: int) -> dict:
+    """Compile the pooled-key cache's invalidation kernel for ``sm_<arch>`` (int64 slots)."""
+    from vllm_seer.kernels.paged_pool import triton as pool
+
+    pointers = {"st_ptr": "*i32", "slot_ptr": "*i64"}
+    const = dict(HKV=8, HKV_P2=8, ENTRY_TOKENS=64, BLOCK_T=64)
+    return _compile_gate_kernel(pool._invalidate_kernel, arch, pointers, const, "",
+                                triton.Config({}, num_warps=4, num_stages=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -149,6 +180,9 @@ def main() -> None:
     ap.add_argument("--tma", action="store_true", help="the tensor-descriptor (TMA) K/V loads")
     ap.add_argument("--pairs", action="store_true", help="also the 128-row pair-tile kernel")
     ap.add_argument("--select", action="store_true", help="also the gate's selection kernel")
+    ap.add_argument("--pool", action="store_true",
+                    help="also the gate's pooling kernel (with / without the pooled-key cache) "
+                         "and the cache's invalidation kernel")
     ap.add_argument("--scores", action="store_true",
                     help="also the gate's scores kernel (GQA group 4, gate hidden size 128)")
     ap.add_argument("--max-blocks", type=int, default=2048,
@@ -174,6 +208,19 @@ def main() -> None:
             print(f"sm_{args.arch} scores {cfg.kwargs} warps={cfg.num_warps} "
                   f"stages={cfg.num_stages}: regs {r['REG']} stack {r['STACK']} "
                   f"smem {r['smem_dyn']} wgmma {r['wgmma']}", flush=True)
+
+    if args.pool:
+        from vllm_seer.kernels.paged_pool import triton as pool
+
+        for cached in (False, True):
+            for cfg in pool._qk_configs():
+                r = compile_pool(args.arch, args.page, cached, cfg)
+                print(f"sm_{args.arch} pool page={args.page} cached={cached} {cfg.kwargs} "
+                      f"warps={cfg.num_warps}: regs {r['REG']} stack {r['STACK']} "
+                      f"smem {r['smem_dyn']}", flush=True)
+        r = compile_invalidate(args.arch)
+        print(f"sm_{args.arch} key-cache invalidate: regs {r['REG']} stack {r['STACK']}",
+              flush=True)
 
     from vllm_seer.kernels.sparse_prefill import pairs as pr
 

@@ -83,9 +83,6 @@ def _pool_k_block(
     Blocks past the request's keys write nothing."""
     seq_len = tl.load(lens_ptr + b).to(tl.int64)
     if kb * BLOCK < seq_len:
-        offs = tl.arange(0, BLOCK_HALF)
-        half_ok = offs < HALF
-        hit = False
         if CACHED:
             complete = (kb + 1) * BLOCK <= seq_len
             last = kb * BLOCK + BLOCK - 1  # the block's last token: its slot names the entry
@@ -98,44 +95,71 @@ def _pool_k_block(
             for hh in range(NH):
                 stamp = tl.load(st + h0 + hh, mask=complete, other=0)
                 hit = hit & (stamp > 0) & (stamp < step)
-        if hit:
-            for hh in range(NH):
-                h = h0 + hh
-                o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
-                for part in tl.static_range(6):
-                    tl.store(o + part * HALF * stride_oc,
-                             tl.load(pc + h * (6 * HALF) + part * HALF + offs, mask=half_ok),
-                             mask=half_ok)
-        else:
-            pos = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-            ok = pos < seq_len
-            page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE_SIZE) * stride_btp,
-                           mask=ok, other=0).to(tl.int64)
-            m2 = ok[:, None] & half_ok[None, :]
-            c, sn = rope_cs(pos, ok, f_ptr, t_ptr, offs, half_ok, HALF, HAS_ROPE, HAS_TABLE,
-                            LIBDEVICE)
-            cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
-            for hh in range(NH):
-                h = h0 + hh
-                base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
-                x1 = _load_scaled(base[:, None] + offs[None, :] * stride_kd, m2, s_ptr, SCALED)
-                x2 = _load_scaled(base[:, None] + (offs[None, :] + HALF) * stride_kd, m2, s_ptr,
-                                  SCALED)
-                y1, y2 = _unrope(x1, x2, c, sn)
-                mx1 = tl.max(tl.where(m2, y1, float("-inf")), 0)
-                mx2 = tl.max(tl.where(m2, y2, float("-inf")), 0)
-                mn1 = tl.min(tl.where(m2, y1, float("inf")), 0)
-                mn2 = tl.min(tl.where(m2, y2, float("inf")), 0)
-                av1 = tl.sum(tl.where(m2, y1, 0.0), 0) / cnt
-                av2 = tl.sum(tl.where(m2, y2, 0.0), 0) / cnt
-                o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
-                _store6(o, HALF * stride_oc, mx1, mx2, mn1, mn2, av1, av2, half_ok)
-                if CACHED:
-                    # (a [BLOCK_HALF] comparison: int1 scalar & vector is int32 in the
-                    # interpreter)
-                    keep = half_ok & ((kb + 1) * BLOCK + offs * 0 <= seq_len)
-                    _store6(pc + h * (6 * HALF) + offs, HALF, mx1, mx2, mn1, mn2, av1, av2, keep)
-                    tl.store(st + h, step, mask=complete)
+            if hit:
+                offs = tl.arange(0, BLOCK_HALF)
+                half_ok = offs < HALF
+                for hh in range(NH):
+                    h = h0 + hh
+                    o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
+                    for part in tl.static_range(6):
+                        tl.store(o + part * HALF * stride_oc,
+                                 tl.load(pc + h * (6 * HALF) + part * HALF + offs, mask=half_ok),
+                                 mask=half_ok)
+            else:
+                _pool_k_heads(kb, b, h0, seq_len, k_ptr, bt_ptr, f_ptr, t_ptr, s_ptr, o_ptr, pc,
+                              st, step, stride_kp, stride_kt, stride_kh, stride_kd, stride_btb,
+                              stride_btp, stride_ob, stride_on, stride_oh, stride_oc, NH, HALF,
+                              BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, HAS_TABLE, LIBDEVICE,
+                              SCALED, True)
+        else:  # (o / lens stand in for the cache pointers: never used)
+            _pool_k_heads(kb, b, h0, seq_len, k_ptr, bt_ptr, f_ptr, t_ptr, s_ptr, o_ptr, o_ptr,
+                          lens_ptr, step, stride_kp, stride_kt, stride_kh, stride_kd, stride_btb,
+                          stride_btp, stride_ob, stride_on, stride_oh, stride_oc, NH, HALF,
+                          BLOCK_HALF, PAGE_SIZE, BLOCK, HAS_ROPE, HAS_TABLE, LIBDEVICE, SCALED,
+                          False)
+
+
+@triton.jit
+def _pool_k_heads(
+    kb, b, h0, seq_len, k_ptr, bt_ptr, f_ptr, t_ptr, s_ptr, o_ptr, pc, st, step,
+    stride_kp, stride_kt, stride_kh, stride_kd,
+    stride_btb, stride_btp,
+    stride_ob, stride_on, stride_oh, stride_oc,
+    NH: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_TABLE: tl.constexpr,
+    LIBDEVICE: tl.constexpr, SCALED: tl.constexpr, STORE: tl.constexpr,
+):
+    """Pool key block ``kb`` of request ``b`` (``kb * BLOCK < seq_len``) for the ``NH`` heads
+    from ``h0`` into ``o``; ``STORE``: a complete block also into the entry ``pc`` ``[HKV,
+    6*HALF]`` with ``step`` in its stamps ``st`` ``[HKV]``."""
+    offs = tl.arange(0, BLOCK_HALF)
+    half_ok = offs < HALF
+    pos = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    ok = pos < seq_len
+    page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE_SIZE) * stride_btp,
+                   mask=ok, other=0).to(tl.int64)
+    m2 = ok[:, None] & half_ok[None, :]
+    c, sn = rope_cs(pos, ok, f_ptr, t_ptr, offs, half_ok, HALF, HAS_ROPE, HAS_TABLE, LIBDEVICE)
+    cnt = tl.minimum(seq_len - kb * BLOCK, BLOCK).to(tl.float32)
+    for hh in range(NH):
+        h = h0 + hh
+        base = k_ptr + page * stride_kp + (pos % PAGE_SIZE) * stride_kt + h * stride_kh
+        x1 = _load_scaled(base[:, None] + offs[None, :] * stride_kd, m2, s_ptr, SCALED)
+        x2 = _load_scaled(base[:, None] + (offs[None, :] + HALF) * stride_kd, m2, s_ptr, SCALED)
+        y1, y2 = _unrope(x1, x2, c, sn)
+        mx1 = tl.max(tl.where(m2, y1, float("-inf")), 0)
+        mx2 = tl.max(tl.where(m2, y2, float("-inf")), 0)
+        mn1 = tl.min(tl.where(m2, y1, float("inf")), 0)
+        mn2 = tl.min(tl.where(m2, y2, float("inf")), 0)
+        av1 = tl.sum(tl.where(m2, y1, 0.0), 0) / cnt
+        av2 = tl.sum(tl.where(m2, y2, 0.0), 0) / cnt
+        o = o_ptr + b * stride_ob + kb * stride_on + h * stride_oh + offs * stride_oc
+        _store6(o, HALF * stride_oc, mx1, mx2, mn1, mn2, av1, av2, half_ok)
+        if STORE:
+            # (a [BLOCK_HALF] comparison: int1 scalar & vector is int32 in the interpreter)
+            keep = half_ok & ((kb + 1) * BLOCK + offs * 0 <= seq_len)
+            _store6(pc + h * (6 * HALF) + offs, HALF, mx1, mx2, mn1, mn2, av1, av2, keep)
+            tl.store(st + h, step, mask=(kb + 1) * BLOCK <= seq_len)
 
 
 @triton.jit
