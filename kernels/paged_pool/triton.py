@@ -442,7 +442,7 @@ def pool_qk(
     return k_out, q_out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "E", "L"])  # one variant for every step's size
 def _invalidate_kernel(st_ptr, slot_ptr, T, E, L, HKV: tl.constexpr, HKV_P2: tl.constexpr,
                        ENTRY_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr):
     # grid (cdiv(T, BLOCK_T),): zero the stamps [L, E, HKV] of the entries these slots fall in

@@ -34,7 +34,8 @@ def _pool(fn, batch, lens, n_new, inv, bs, table, kc=None):
     hkv, d = batch.k_cache.shape[2], batch.k_cache.shape[3]
     mkb = max(-(-L // bs) for L in lens) + 1
     k_out = torch.full((len(lens), mkb, hkv, 3 * d), float("nan"), device=DEVICE)
-    q_out = torch.full((len(lens), 4, batch.q.shape[1], d), float("nan"), device=DEVICE)
+    mqb = max(-(-n // bs) + 1 for n in n_new)  # query blocks a step's rows can touch
+    q_out = torch.full((len(lens), mqb, batch.q.shape[1], d), float("nan"), device=DEVICE)
     cu = torch.tensor([0, *n_new], device=DEVICE).cumsum(0).to(torch.int32)
     q = batch.q[:int(cu[-1])]
     seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
