@@ -62,17 +62,27 @@ def entry_index(block_table_row: torch.Tensor, kb: int, page_size: int, block_si
     return (page * page_size + last % page_size) // tokens
 
 
+def num_entries(num_slots: int, tokens: int) -> int:
+    """Entries for ``num_slots`` KV slots, rounded up to a multiple of 16 so that every layer's
+    view of the data and stamps starts 16-byte aligned (Triton specializes kernels on pointer
+    alignment: one compiled variant, built by the start-up warm-up, serves every layer)."""
+    return -(-(num_slots // tokens) // 16) * 16
+
+
 def bytes_per_slot(num_layers: int, page_size: int, block_size: int, num_kv_heads: int,
                    head_dim: int) -> float:
     """Cache bytes per KV-cache token slot (entries are ``min(page_size, block_size)`` slots)."""
     return num_layers * num_kv_heads * (3 * head_dim * 4 + 4) / entry_tokens(page_size, block_size)
 
 
-def reserve_bytes(budget: int, kv_bytes_per_slot: float, cache_bytes_per_slot: float) -> int:
+def reserve_bytes(budget: int, kv_bytes_per_slot: float, cache_bytes_per_slot: float,
+                  entry_row_bytes: int) -> int:
     """The share of ``budget`` bytes (what the KV cache and this cache will split) that the cache
-    of a KV cache filling the rest needs: ``budget * c / (kv + c)``, rounded up to 4 KiB."""
+    of a KV cache filling the rest needs: ``budget * c / (kv + c)``, plus 16 entries of
+    ``entry_row_bytes`` (all layers and heads of one entry) for :func:`num_entries`' rounding,
+    rounded up to 4 KiB."""
     share = budget * cache_bytes_per_slot / (kv_bytes_per_slot + cache_bytes_per_slot)
-    return int(-(-share // 4096) * 4096)
+    return int(-(-(share + 16 * entry_row_bytes) // 4096) * 4096)
 
 
 @dataclass
@@ -139,7 +149,7 @@ class PooledKeyCache:
         tokens = entry_tokens(page_size, block_size)
         if num_slots % page_size:
             raise ValueError(f"{num_slots} KV slots are not whole {page_size}-token pages")
-        e = num_slots // tokens
+        e = num_entries(num_slots, tokens)
         data = torch.zeros(num_layers, e, num_kv_heads, 3 * head_dim, dtype=torch.float32,
                            device=device)
         stamps = torch.zeros(num_layers, e, num_kv_heads, dtype=torch.int32, device=device)
@@ -156,7 +166,7 @@ class PooledKeyCache:
                                f"{num_layers} layers x {num_slots} KV slots ({page_size}-token "
                                f"pages), {storage.numel()} bytes were reserved at start-up")
         tokens = entry_tokens(page_size, block_size)
-        e = num_slots // tokens
+        e = num_entries(num_slots, tokens)
         n_data = num_layers * e * num_kv_heads * 3 * head_dim
         data = storage[:4 * n_data].view(torch.float32).view(num_layers, e, num_kv_heads,
                                                              3 * head_dim)
@@ -169,7 +179,7 @@ class PooledKeyCache:
     def bytes_for(num_layers: int, num_slots: int, page_size: int, block_size: int,
                   num_kv_heads: int, head_dim: int) -> int:
         """Device memory :meth:`allocate` takes for these sizes."""
-        e = num_slots // entry_tokens(page_size, block_size)
+        e = num_entries(num_slots, entry_tokens(page_size, block_size))
         return num_layers * e * num_kv_heads * (3 * head_dim * 4 + 4)
 
     @property

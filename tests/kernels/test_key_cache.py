@@ -128,10 +128,10 @@ def test_key_cache_refuses_misfits() -> None:
         entry_tokens(48, 64)
     with pytest.raises(ValueError, match="whole 16-token pages"):
         PooledKeyCache.allocate(1, 100, 16, 64, 1, 64, DEVICE)
-    batch = make_batch([100], [40], 2, 1, 64, 16, torch.float16, "token", DEVICE)
-    small = PooledKeyCache.allocate(1, 16 * 2, 16, 64, 1, 64, DEVICE)
+    batch = make_batch([400], [40], 2, 1, 64, 16, torch.float16, "token", DEVICE)
+    small = PooledKeyCache.allocate(1, 16 * 2, 16, 64, 1, 64, DEVICE)  # 16 entries of 28 pages
     small.begin_step(torch.zeros(0, dtype=torch.int64, device=DEVICE))
-    k = torch.empty(1, 3, 1, 192, device=DEVICE)
+    k = torch.empty(1, 8, 1, 192, device=DEVICE)
     q = torch.empty(1, 2, 2, 64, device=DEVICE)
     args = (batch.k_cache, batch.block_table, batch.q, batch.cu_seqlens_q, batch.seq_lens, None,
             k, q)
@@ -153,12 +153,13 @@ def test_key_cache_reserve_covers_the_kv_cache_vllm_sizes_after_it() -> None:
     c = bytes_per_slot(32, 16, 64, 8, 128)  # the smallest page the server may get
     assert c == 32 * 8 * (3 * 128 * 4 + 4) / 16
     budget = 60 * 2**30
-    size = reserve_bytes(budget, kv, c)
+    size = reserve_bytes(budget, kv, c, 32 * 8 * (3 * 128 * 4 + 4))
     slots = (budget - size) // kv  # the KV cache vLLM sizes from what is left
     assert PooledKeyCache.bytes_for(32, slots // 16 * 16, 16, 64, 8, 128) <= size
     storage = torch.empty(size, dtype=torch.uint8, device=DEVICE)
     cache = PooledKeyCache.from_storage(storage, 32, slots // 16 * 16, 16, 64, 8, 128)
-    assert cache.data.shape == (32, slots // 16, 8, 384) and not cache.stamps.any()
+    assert cache.data.shape == (32, -(-(slots // 16) // 16) * 16, 8, 384)  # 16-entry multiple
+    assert not cache.stamps.any()
     assert cache.data.data_ptr() == storage.data_ptr()
     with pytest.raises(RuntimeError, match=r"needs \d+ bytes .* were reserved at start-up"):
         PooledKeyCache.from_storage(storage[:4096], 32, slots // 16 * 16, 16, 64, 8, 128)
@@ -180,7 +181,7 @@ def test_backend_lays_the_cache_out_in_the_reserve() -> None:
     assert rt.key_cache is None
     rt.key_cache_reserve = torch.full((2**20,), 7, dtype=torch.uint8, device=DEVICE)
     pooled_keys.ensure(rt, k_cache)
-    assert rt.key_cache.data.shape == (2, 10, 2, 192) and rt.key_cache.step == 1
+    assert rt.key_cache.data.shape == (2, 16, 2, 192) and rt.key_cache.step == 1  # 10 -> 16
     assert not rt.key_cache.stamps.any()  # nothing valid before a kernel stores it
 
 

@@ -50,7 +50,8 @@ def reserve(rt: Any, cache_config: Any, page_sizes: list[int], kv_element_bytes:
                          for page in page_sizes)  # smallest page: the most entries
     fixed = getattr(cache_config, "kv_cache_memory_bytes", None)
     if fixed:  # --kv-cache-memory-bytes: the KV cache's size is given, vLLM's budget unused
-        size = int(-(-fixed * cache_per_slot / kv_per_slot // 4096) * 4096)
+        size = reserve_bytes(fixed + int(fixed * cache_per_slot / kv_per_slot), kv_per_slot,
+                             cache_per_slot, layers * rt.num_kv_heads * (3 * rt.head_dim * 4 + 4))
     else:
         total = torch.cuda.mem_get_info(device)[1]
         budget = int(float(cache_config.gpu_memory_utilization) * total)
@@ -59,7 +60,8 @@ def reserve(rt: Any, cache_config: Any, page_sizes: list[int], kv_element_bytes:
             raise RuntimeError(f"Seer backend: no memory left for the pooled-key cache "
                                f"('pooled_key_cache') within --gpu-memory-utilization "
                                f"{cache_config.gpu_memory_utilization} after the model weights")
-        size = reserve_bytes(budget, kv_per_slot, cache_per_slot)
+        size = reserve_bytes(budget, kv_per_slot, cache_per_slot,
+                             layers * rt.num_kv_heads * (3 * rt.head_dim * 4 + 4))
     rt.key_cache_reserve = torch.empty(size, dtype=torch.uint8, device=device)
     logger.info("Seer pooled-key cache: %.1f MiB reserved in the profiling run (%.2f%% of the KV "
                 "cache's bytes per token, %d sparse layers)", size / 2**20,
