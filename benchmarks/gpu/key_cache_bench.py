@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     import triton
-    from vllm_seer.kernels.paged_pool.key_cache import PooledKeyCache
+    from vllm_seer.kernels.paged_pool.key_cache import PooledKeyCache, slots_of
     from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
 
     from vllm_seer.gate import Selection, block_rope_table, group_gate_weight
@@ -78,8 +78,7 @@ def main() -> None:
         q = torch.randn(n, hq, d, dtype=torch.bfloat16, device=dev)
         cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
         lens = torch.tensor([end], dtype=torch.int32, device=dev)
-        pos = torch.arange(start, end, device=dev)
-        slots = table[0, pos // a.page].long() * a.page + pos % a.page
+        slots = slots_of(table[0], start, end, a.page)
         times, picks = {}, {}
         for mode in ("off", "on"):
             bufs = SeerBuffers.allocate(plan_batch([0, n], [end], bs), hq, hkv, d, dev)

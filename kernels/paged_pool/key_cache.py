@@ -62,6 +62,13 @@ def entry_index(block_table_row: torch.Tensor, kb: int, page_size: int, block_si
     return (page * page_size + last % page_size) // tokens
 
 
+def slots_of(block_table_row: torch.Tensor, lo: int, hi: int, page_size: int) -> torch.Tensor:
+    """The KV slots (``[hi - lo]`` int64, as vLLM's ``slot_mapping``) of positions ``lo .. hi -
+    1`` of the request with this block-table row."""
+    pos = torch.arange(lo, hi, device=block_table_row.device)
+    return block_table_row[pos // page_size].long() * page_size + pos % page_size
+
+
 def num_entries(num_slots: int, tokens: int) -> int:
     """Entries for ``num_slots`` KV slots, rounded up to a multiple of 16 so that every layer's
     view of the data and stamps starts 16-byte aligned (Triton specializes kernels on pointer
@@ -69,10 +76,16 @@ def num_entries(num_slots: int, tokens: int) -> int:
     return -(-(num_slots // tokens) // 16) * 16
 
 
+def entry_bytes(num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of one entry in one layer: the fp32 ``[max | min | avg]`` and an int32 stamp per
+    KV head."""
+    return num_kv_heads * (3 * head_dim * 4 + 4)
+
+
 def bytes_per_slot(num_layers: int, page_size: int, block_size: int, num_kv_heads: int,
                    head_dim: int) -> float:
     """Cache bytes per KV-cache token slot (entries are ``min(page_size, block_size)`` slots)."""
-    return num_layers * num_kv_heads * (3 * head_dim * 4 + 4) / entry_tokens(page_size, block_size)
+    return num_layers * entry_bytes(num_kv_heads, head_dim) / entry_tokens(page_size, block_size)
 
 
 def reserve_bytes(budget: int, kv_bytes_per_slot: float, cache_bytes_per_slot: float,
@@ -145,21 +158,19 @@ class PooledKeyCache:
     @classmethod
     def allocate(cls, num_layers: int, num_slots: int, page_size: int, block_size: int,
                  num_kv_heads: int, head_dim: int, device: torch.device | str) -> PooledKeyCache:
-        """Entries for a KV cache of ``num_slots`` token slots (pages x page size)."""
-        tokens = entry_tokens(page_size, block_size)
-        if num_slots % page_size:
-            raise ValueError(f"{num_slots} KV slots are not whole {page_size}-token pages")
-        e = num_entries(num_slots, tokens)
-        data = torch.zeros(num_layers, e, num_kv_heads, 3 * head_dim, dtype=torch.float32,
-                           device=device)
-        stamps = torch.zeros(num_layers, e, num_kv_heads, dtype=torch.int32, device=device)
-        return cls(data, stamps, tokens)
+        """Entries for a KV cache of ``num_slots`` token slots (pages x page size), in memory of
+        their own (every stamp 0: nothing valid)."""
+        need = cls.bytes_for(num_layers, num_slots, page_size, block_size, num_kv_heads, head_dim)
+        return cls.from_storage(torch.empty(need, dtype=torch.uint8, device=device), num_layers,
+                                num_slots, page_size, block_size, num_kv_heads, head_dim)
 
     @classmethod
     def from_storage(cls, storage: torch.Tensor, num_layers: int, num_slots: int, page_size: int,
                      block_size: int, num_kv_heads: int, head_dim: int) -> PooledKeyCache:
         """The cache laid out in ``storage`` (flat ``uint8``, memory reserved earlier); raises
-        ``RuntimeError`` naming both sizes when it is too small."""
+        ``RuntimeError`` naming both sizes when it is too small. Every stamp is zeroed."""
+        if num_slots % page_size:
+            raise ValueError(f"{num_slots} KV slots are not whole {page_size}-token pages")
         need = cls.bytes_for(num_layers, num_slots, page_size, block_size, num_kv_heads, head_dim)
         if storage.dtype != torch.uint8 or storage.dim() != 1 or need > storage.numel():
             raise RuntimeError(f"Seer backend: the pooled-key cache needs {need} bytes for "
@@ -180,7 +191,7 @@ class PooledKeyCache:
                   num_kv_heads: int, head_dim: int) -> int:
         """Device memory :meth:`allocate` takes for these sizes."""
         e = num_entries(num_slots, entry_tokens(page_size, block_size))
-        return num_layers * e * num_kv_heads * (3 * head_dim * 4 + 4)
+        return num_layers * e * entry_bytes(num_kv_heads, head_dim)
 
     @property
     def nbytes(self) -> int:
@@ -203,12 +214,6 @@ class PooledKeyCache:
             from vllm_seer.kernels.paged_pool.naive import invalidate_ref
 
             invalidate_ref(self.stamps, slot_mapping, self.entry_tokens)
-
-    def entry_of(self, block_table_row: torch.Tensor, kb: int, page_size: int,
-                 block_size: int) -> int:
-        """Entry of complete key block ``kb`` of the request with this block-table row (host;
-        the kernels compute the same index on the device)."""
-        return entry_index(block_table_row, kb, page_size, block_size, self.entry_tokens)
 
     def layer(self, i: int) -> LayerKeyCache:
         """The view of local sparse layer ``i`` for this step."""

@@ -18,6 +18,7 @@ from vllm_seer.kernels.paged_pool.key_cache import (
     entry_index,
     entry_tokens,
     reserve_bytes,
+    slots_of,
 )
 
 from vllm_seer.gate import block_rope_table
@@ -25,8 +26,7 @@ from vllm_seer.rope import RopeSpec
 
 
 def _slots(block_table: torch.Tensor, b: int, lo: int, hi: int, page: int) -> torch.Tensor:
-    pos = torch.arange(lo, hi, device=block_table.device)
-    return block_table[b, pos // page].long() * page + pos % page
+    return slots_of(block_table[b], lo, hi, page)
 
 
 def _pool(fn, batch, lens, n_new, inv, bs, table, kc=None):

@@ -78,7 +78,7 @@ def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: to
     ``layout`` of the cache (``nhd``: vLLM's packed K|V rows, the query then a strided view of a
     wider QKV-like tensor as vLLM hands it); ``key_cache``: through a pooled-key cache (setting
     ``pooled_key_cache``), one step that stores and one that reads."""
-    from vllm_seer.kernels.paged_pool.key_cache import PooledKeyCache
+    from vllm_seer.kernels.paged_pool.key_cache import PooledKeyCache, slots_of
     from vllm_seer.kernels.planning import SeerBuffers, plan_batch, seer_gate
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
 
@@ -99,10 +99,8 @@ def _run(lens: list[int], news: list[int], page: int, sel: Selection, weight: to
         key_cache) else None
     for _ in range(2 if key_cache else 1):
         if kc is not None:  # vLLM's int64 slot mapping of this step's new tokens
-            kc.begin_step(torch.cat([
-                b.block_table[r, torch.arange(L - n, L, device=dev) // page].long() * page
-                + torch.arange(L - n, L, device=dev) % page
-                for r, (L, n) in enumerate(zip(lens, news, strict=True))]))
+            kc.begin_step(torch.cat([slots_of(b.block_table[r], L - n, L, page)
+                                     for r, (L, n) in enumerate(zip(lens, news, strict=True))]))
         seer_gate(b.q, b.k_cache, b.block_table, b.cu_seqlens_q, b.seq_lens, weight, inv, sel,
                   bufs, table, grouped, q_scale=scales.get("q_scale"),
                   k_scale=scales.get("k_scale"), rope_positions=positions,

@@ -133,8 +133,8 @@ class SeerCUDAImpl(FlashAttentionImpl):
         max_blocks = rt.block_rope.shape[0]
         kv_dtype = self._fp8 or out_dtype
         # before vLLM sizes its KV cache from what this run leaves free
-        pooled_keys.reserve(rt, self._cache_config, self._page_sizes,
-                            torch.empty(0, dtype=kv_dtype).element_size(), rt.inv_freq.device)
+        pooled_keys.reserve(rt, self._cache_config, self._page_sizes, kv_dtype.itemsize,
+                            rt.inv_freq.device)
         for page in self._page_sizes:
             def kv_views(pages: int, page: int = page) -> tuple[torch.Tensor, torch.Tensor]:
                 cache = compat.synthetic_kv_cache(SeerCUDABackend, pages, page, self.num_kv_heads,

@@ -21,6 +21,7 @@ from vllm_seer.config import SeerConfigError
 from vllm_seer.kernels.paged_pool.key_cache import (
     PooledKeyCache,
     bytes_per_slot,
+    entry_bytes,
     entry_tokens,
     reserve_bytes,
 )
@@ -48,10 +49,11 @@ def reserve(rt: Any, cache_config: Any, page_sizes: list[int], kv_element_bytes:
     kv_per_slot = len(rt.stage.layers) * 2 * rt.num_kv_heads * rt.head_dim * kv_element_bytes
     cache_per_slot = max(bytes_per_slot(layers, page, rt.block_size, rt.num_kv_heads, rt.head_dim)
                          for page in page_sizes)  # smallest page: the most entries
+    row = layers * entry_bytes(rt.num_kv_heads, rt.head_dim)  # one entry, every layer
     fixed = getattr(cache_config, "kv_cache_memory_bytes", None)
     if fixed:  # --kv-cache-memory-bytes: the KV cache's size is given, vLLM's budget unused
         size = reserve_bytes(fixed + int(fixed * cache_per_slot / kv_per_slot), kv_per_slot,
-                             cache_per_slot, layers * rt.num_kv_heads * (3 * rt.head_dim * 4 + 4))
+                             cache_per_slot, row)
     else:
         total = torch.cuda.mem_get_info(device)[1]
         budget = int(float(cache_config.gpu_memory_utilization) * total)
@@ -60,8 +62,7 @@ def reserve(rt: Any, cache_config: Any, page_sizes: list[int], kv_element_bytes:
             raise RuntimeError(f"Seer backend: no memory left for the pooled-key cache "
                                f"('pooled_key_cache') within --gpu-memory-utilization "
                                f"{cache_config.gpu_memory_utilization} after the model weights")
-        size = reserve_bytes(budget, kv_per_slot, cache_per_slot,
-                             layers * rt.num_kv_heads * (3 * rt.head_dim * 4 + 4))
+        size = reserve_bytes(budget, kv_per_slot, cache_per_slot, row)
     rt.key_cache_reserve = torch.empty(size, dtype=torch.uint8, device=device)
     logger.info("Seer pooled-key cache: %.1f MiB reserved in the profiling run (%.2f%% of the KV "
                 "cache's bytes per token, %d sparse layers)", size / 2**20,
