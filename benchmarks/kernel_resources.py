@@ -66,8 +66,8 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
              for n in ("k_desc", "v_desc")}
     const = dict(HQ=32, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                  PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, SPLIT=True, Q_FP8=q_fp8,
-                 KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8, FP8_PV=kv == "fp8pv", DOT_DTYPE=tl.bfloat16, USE_TMA=tma,
-                 PAIRS=True, **config.kwargs)
+                 KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8, FP8_PV=kv == "fp8pv",
+                 DOT_DTYPE=tl.bfloat16, USE_TMA=tma, PAIRS=True, **config.kwargs)
     const.update(dict.fromkeys(UNIT_STRIDES, 1))
     const = {n: v for n, v in const.items() if n in fn.arg_names}
     sig, attrs = {}, {}
