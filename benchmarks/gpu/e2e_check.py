@@ -203,10 +203,14 @@ SEER_RUNS = ("seer1", "unchunked", "chunked", "graphs", "keycache")
 DENSITY1_RUNS = ("flash", "triton", "seer1")
 
 
-def plans(gates: str, cache: list[str] | None = None) -> dict[str, tuple[str, dict | None, list[str]]]:
+def plans(gates: str, cache: list[str] | None = None, seer_extra: dict | None = None
+          ) -> dict[str, tuple[str, dict | None, list[str]]]:
     """Run key -> (name, additional config, server flags); ``cache``: flags added to every server
-    (e.g. ``--kv-cache-dtype fp8``)."""
+    (e.g. ``--kv-cache-dtype fp8``); ``seer_extra``: settings added to every Seer server's."""
     table = _plans(gates)
+    if seer_extra:
+        table = {k: (n, c if c is None else {"seer": {**c["seer"], **seer_extra}}, f)
+                 for k, (n, c, f) in table.items()}
     return {k: (n, c, [*flags, *(cache or [])]) for k, (n, c, flags) in table.items()}
 
 
@@ -321,6 +325,8 @@ def main() -> int:
     ap.add_argument("--kv-cache-dtype", default=None,
                     help="served with this --kv-cache-dtype (e.g. fp8); only the density-1 runs "
                          f"({','.join(DENSITY1_RUNS)}) and check apply")
+    ap.add_argument("--seer-extra", type=json.loads, default=None,
+                    help='settings added to every Seer server\'s, e.g. \'{"fp8_pv": true}\'')
     args = ap.parse_args()
     cache = ["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else []
     names = DENSITY1_RUNS if cache else RUN_NAMES
@@ -330,7 +336,7 @@ def main() -> int:
         if unknown:
             ap.error(f"--runs: unknown run(s) {unknown}; expected some of {','.join(names)}")
         model = ensure_test_model(Path("/tmp/tiny-llama"))
-        table = plans(str(model / "gates"), cache)
+        table = plans(str(model / "gates"), cache, args.seer_extra)
         for key in keys:
             name, cfg, extra = table[key]
             res = run(name, model, cfg, extra)
@@ -345,7 +351,8 @@ def main() -> int:
     except ValueError as e:  # a run JSON of an older script
         print(f"cannot judge: {e}", flush=True)
         return 2
-    summary = {"ok": ok, "kv_cache_dtype": args.kv_cache_dtype or "auto", "checks": checks,
+    summary = {"ok": ok, "kv_cache_dtype": args.kv_cache_dtype or "auto",
+               "seer_extra": args.seer_extra, "checks": checks,
                "runs": [runs[k] for k in names]}
     out = Path(args.dir) / "e2e_check.json"
     out.write_text(json.dumps(summary, indent=1))
