@@ -41,10 +41,8 @@ def fp8_caches(q: torch.Tensor, caches: dict) -> dict:
 def time_fp8_attention(bench, rep: int, q: torch.Tensor, f8: dict, cu, lens, index, count, out,
                        scale: float, bs: int, split) -> dict[str, float]:
     """Per page ``attn_fp8_p{page}`` (bf16 q, FP8 K/V); on the first page also ``attn_fp8q`` (FP8
-    q and K/V, P @ V on 16-bit P and V) and ``attn_fp8pv`` (the same with ``fp8_pv``: P rounded to
-    e4m3 and P @ V an FP8 dot), and the relative errors of all three against the bf16 kernel on
-    the dequantized inputs (``fp8_rel_err`` / ``fp8q_rel_err`` / ``fp8pv_rel_err``: the kernels'
-    own error, not the quantization's)."""
+    q and K/V) and the relative errors of both against the bf16 kernel on the dequantized inputs
+    (``fp8_rel_err`` / ``fp8q_rel_err``: the kernels' own error, not the quantization's)."""
     res: dict[str, float] = {}
     kv = {"k_scale": f8["k_scale"], "v_scale": f8["v_scale"]}
     first = next(iter(f8["caches"]))
@@ -52,15 +50,13 @@ def time_fp8_attention(bench, rep: int, q: torch.Tensor, f8: dict, cu, lens, ind
         res[f"attn_fp8_p{page}"] = bench(lambda k8=k8, v8=v8, bt=bt: sparse_prefill_paged(
             q, k8, v8, bt, cu, lens, index, count, out, scale, bs, split, **kv), rep)
     k8, v8, bt = f8["caches"][first]
-    for name, pv in (("attn_fp8q", False), ("attn_fp8pv", True)):
-        res[name] = bench(lambda pv=pv: sparse_prefill_paged(
-            f8["q8"], k8, v8, bt, cu, lens, index, count, out, scale, bs, split,
-            q_scale=f8["q_scale"], fp8_pv=pv, **kv), rep)
+    res["attn_fp8q"] = bench(lambda: sparse_prefill_paged(
+        f8["q8"], k8, v8, bt, cu, lens, index, count, out, scale, bs, split,
+        q_scale=f8["q_scale"], **kv), rep)
     kd, vd = f8["deq"][first]
-    q8 = {"q_scale": f8["q_scale"]}
-    for name, qq, qd, extra in (("fp8_rel_err", q, q, {"fp8_pv": False}),
-                                ("fp8q_rel_err", f8["q8"], f8["q_deq"], {**q8, "fp8_pv": False}),
-                                ("fp8pv_rel_err", f8["q8"], f8["q_deq"], {**q8, "fp8_pv": True})):
+    for name, qq, qd, extra in (("fp8_rel_err", q, q, {}),
+                                ("fp8q_rel_err", f8["q8"], f8["q_deq"],
+                                 {"q_scale": f8["q_scale"]})):
         want = sparse_prefill_paged(qd, kd, vd, bt, cu, lens, index, count,
                                     torch.empty_like(out), scale, bs, split).float()
         got = sparse_prefill_paged(qq, k8, v8, bt, cu, lens, index, count, torch.empty_like(out),
@@ -90,11 +86,6 @@ def fp8_goals(rows: list[dict]) -> dict[str, float]:
         out[f"x_fp8q_attn_d01_{name}"] = r["attn"] / r["attn_fp8q"]
         out[f"x_fp8_seer_d01_{name}"] = (r["gate"] + r["attn"]) / (r["gate_fp8"] + r["attn_fp8q"])
         out[f"fp8q_rel_err_d01_{name}"] = r["fp8q_rel_err"]
-        if "attn_fp8pv" in r:
-            out[f"x_fp8pv_attn_d01_{name}"] = r["attn"] / r["attn_fp8pv"]
-            out[f"x_fp8pv_seer_d01_{name}"] = ((r["gate"] + r["attn"])
-                                               / (r["gate_fp8"] + r["attn_fp8pv"]))
-            out[f"fp8pv_rel_err_d01_{name}"] = r["fp8pv_rel_err"]
     return out
 
 
@@ -105,23 +96,16 @@ def fmt_fp8(rows: list[dict]) -> str:
         return ""
     lines = ["", "FP8 KV cache (e4m3, per-tensor scales; first page size): attention with a bf16 "
              "query / an FP8 query (as vLLM's FlashAttention FP8 path hands it); Seer x fp8 = (gate + "
-             "attention) on bf16 over the same on FP8 (FP8 query); +P: P @ V as an FP8 dot too "
-             "(fp8_pv, P rounded to e4m3, as FlashAttention-3's FP8 forward); errors vs the bf16 "
-             "kernel on the dequantized inputs.", "",
+             "attention) on bf16 over the same on FP8 (FP8 query); errors vs the bf16 kernel on the "
+             "dequantized inputs.", "",
              "| model | seq | selection | target | attn ms bf16 | attn ms fp8 K/V | attn ms fp8 "
-             "q+K/V | attn ms fp8 q+K/V+P | x fp8 K/V | x fp8 q+K/V | x fp8 q+K/V+P | gate ms bf16 | "
-             "gate ms fp8 | Seer x fp8 | Seer x fp8 +P | rel err fp8 K/V | rel err fp8 q+K/V | "
-             "rel err fp8 q+K/V+P |", "|" + "---|" * 18]
-    nan = float("nan")
+             "q+K/V | x fp8 K/V | x fp8 q+K/V | gate ms bf16 | gate ms fp8 | Seer x fp8 | rel "
+             "err fp8 K/V | rel err fp8 q+K/V |", "|" + "---|" * 14]
     for r in rows:
-        seer = r["gate"] + r["attn"]
-        pv = r.get("attn_fp8pv", nan)
+        seer8 = r["gate_fp8"] + r["attn_fp8q"]
         lines.append(
             f"| {r['model']} | {r['L'] // 1024}k | {r['kind']} | {r['target']} | {r['attn']:.3f} "
-            f"| {r['attn_fp8']:.3f} | {r['attn_fp8q']:.3f} | {pv:.3f} | "
-            f"{r['attn'] / r['attn_fp8']:.2f} | {r['attn'] / r['attn_fp8q']:.2f} | "
-            f"{r['attn'] / pv:.2f} | {r['gate']:.3f} | {r['gate_fp8']:.3f} | "
-            f"{seer / (r['gate_fp8'] + r['attn_fp8q']):.2f} | {seer / (r['gate_fp8'] + pv):.2f} | "
-            f"{r['fp8_rel_err']:.1e} | {r['fp8q_rel_err']:.1e} | "
-            f"{r.get('fp8pv_rel_err', nan):.1e} |")
+            f"| {r['attn_fp8']:.3f} | {r['attn_fp8q']:.3f} | {r['attn'] / r['attn_fp8']:.2f} | "
+            f"{r['attn'] / r['attn_fp8q']:.2f} | {r['gate']:.3f} | {r['gate_fp8']:.3f} | "
+            f"{(r['gate'] + r['attn']) / seer8:.2f} | {r['fp8_rel_err']:.1e} | {r['fp8q_rel_err']:.1e} |")
     return "\n".join(lines) + "\n"

@@ -8,8 +8,7 @@ became Hopper ``wgmma`` can be checked before spending GPU time. Example::
 
 Prints one line per autotune config of the sparse prefill kernel (``--pairs``: and of the 128-row
 pair-tile kernel) and K/V dtype (``fp8``: float8
-e4m3 K/V, bf16 query; ``fp8q``: float8 query too, as vLLM's FlashAttention FP8 path hands it;
-``fp8pv``: as ``fp8q`` with ``P @ V`` an FP8 dot too, the kernels' ``fp8_pv``).
+e4m3 K/V, bf16 query; ``fp8q``: float8 query too, as vLLM's FlashAttention FP8 path hands it).
 ``--select`` adds the gate's selection kernel (top-k and threshold) at each row width up to
 ``--max-blocks`` key blocks, once per autotune config; ``--scores`` the gate's scores kernel per
 autotune config.
@@ -48,14 +47,14 @@ def _resources(cubin: bytes) -> dict[str, int]:
 def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.Config,
                            kv: str = "bf16", tma: bool = False, pairs: bool = False) -> dict:
     """Compile ``_sparse_prefill_kernel`` (``pairs``: the 128-row ``pairs._pair_kernel``) for
-    ``sm_<arch>`` (``kv``: ``bf16`` / ``fp8`` / ``fp8q`` / ``fp8pv``, see the module doc; ``tma``: complete
+    ``sm_<arch>`` (``kv``: ``bf16`` / ``fp8`` / ``fp8q``, see the module doc; ``tma``: complete
     key blocks through tensor descriptors, needs ``page % 64 == 0``); resources of the cubin."""
     import triton.language as tl
     from vllm_seer.kernels.sparse_prefill import pairs as pr
     from vllm_seer.kernels.sparse_prefill import triton as sp
 
     fn = (pr._pair_kernel if pairs else sp._sparse_prefill_kernel).fn
-    q_fp8, kv_fp8 = kv in ("fp8q", "fp8pv"), kv in ("fp8", "fp8q", "fp8pv")
+    q_fp8, kv_fp8 = kv == "fp8q", kv in ("fp8", "fp8q")
     pointers = dict(POINTERS)
     if kv_fp8:
         pointers.update(k_ptr="*fp8e4nv", v_ptr="*fp8e4nv")
@@ -66,8 +65,8 @@ def compile_sparse_prefill(arch: int, head_dim: int, page: int, config: triton.C
              for n in ("k_desc", "v_desc")}
     const = dict(HQ=32, GROUP=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                  PAGE_SIZE=page, BLOCK=64, DOT_FP32=False, SPLIT=True, Q_FP8=q_fp8,
-                 KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8, FP8_PV=kv == "fp8pv",
-                 DOT_DTYPE=tl.bfloat16, USE_TMA=tma, PAIRS=True, **config.kwargs)
+                 KV_FP8=kv_fp8, FP8_QK=q_fp8 and kv_fp8, DOT_DTYPE=tl.bfloat16, USE_TMA=tma,
+                 PAIRS=True, **config.kwargs)
     const.update(dict.fromkeys(UNIT_STRIDES, 1))
     const = {n: v for n, v in const.items() if n in fn.arg_names}
     sig, attrs = {}, {}
@@ -177,7 +176,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=16)
-    ap.add_argument("--kv", default="bf16", help="comma list of bf16 / fp8 / fp8q / fp8pv")
+    ap.add_argument("--kv", default="bf16", help="comma list of bf16 / fp8 / fp8q")
     ap.add_argument("--tma", action="store_true", help="the tensor-descriptor (TMA) K/V loads")
     ap.add_argument("--pairs", action="store_true", help="also the 128-row pair-tile kernel")
     ap.add_argument("--select", action="store_true", help="also the gate's selection kernel")

@@ -188,7 +188,7 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
             out_dtype: torch.dtype | None = None,
             kv_views: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
             rope_positions: torch.Tensor | None = None, pair_max_ratio: float = 0.0,
-            key_cache: bool = False, fp8_pv: bool = False) -> None:
+            key_cache: bool = False) -> None:
     """Compile and autotune every Seer kernel variant a request can need, on synthetic inputs.
 
     Autotuned configs are keyed by head dim, page and block size only, and the sizes that change
@@ -212,8 +212,6 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         pair_max_ratio: the backend's (its buffers' pair tiles are compiled and autotuned too).
         key_cache: the backend keeps a pooled-key cache (the pooling variant that reads and
             writes one is compiled too, on a cache made for the synthetic pages and freed).
-        fp8_pv: the backend runs ``P @ V`` in FP8 over its float8 cache (``sparse_prefill_paged``'s
-            ``fp8_pv``: that variant is compiled).
     """
     from vllm_seer.kernels.block_select.triton import block_select
     from vllm_seer.kernels.sparse_prefill.triton import sparse_prefill_paged
@@ -258,7 +256,7 @@ def warm_up(q_dtype: torch.dtype, hq: int, hkv: int, head_dim: int, page_size: i
         sparse_prefill_paged(q, k_cache, v_cache, block_table, cu, lens, bufs.block_index,
                              bufs.block_count, torch.empty(q.shape, dtype=out_dtype, device=dev),
                              1.0 / head_dim ** 0.5, block_size, bufs.split, q_scale=q_scale,
-                             k_scale=kv_scale, v_scale=kv_scale, pairs=bufs.pairs, fp8_pv=fp8_pv)
+                             k_scale=kv_scale, v_scale=kv_scale, pairs=bufs.pairs)
     for mkb in select_widths(max_blocks):
         # a chunk of up to SELECT_WARM_QBLOCKS query blocks at the end of an mkb-block context:
         # the selection is autotuned per row width on as many rows as a long chunk gives

@@ -33,10 +33,6 @@ DEFAULT_MIN_PREFILL_TOKENS = {"cpu": 2048, "cuda": 4096}
 # benchmarks/results/pair-variants-h100.md) the pair tiles ran 0.78-0.88x the 64-row kernel on
 # structured and real selections even at union work ratio 1.01 (8 warps, one CTA per SM)
 DEFAULT_PAIR_MAX_RATIO = 0.0
-# default of ``fp8_pv`` over an FP8 KV cache (CUDA): P @ V as an FP8 dot (the probabilities rounded
-# to e4m3, as FlashAttention-3's FP8 forward does) instead of V converted to 16 bits in the kernel.
-# Off until measured faster (kernels/sparse_prefill/triton.py FP8_PV_DEFAULT follows this)
-DEFAULT_FP8_PV = False
 
 # key -> (checkpoint config.json field or None, documentation)
 KEYS: dict[str, tuple[str | None, str]] = {
@@ -54,9 +50,6 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "pair_max_ratio": (None, "CUDA: run two adjacent query blocks as one 128-row tile when their "
                              "union costs at most this times their own work (0: never; else in "
                              f"[1, 2]; default {DEFAULT_PAIR_MAX_RATIO})"),
-    "fp8_pv": (None, "CUDA with --kv-cache-dtype fp8: P @ V as an FP8 dot, the attention "
-                     "probabilities rounded to float8 e4m3 as FlashAttention-3's FP8 path does "
-                     f"(default {str(DEFAULT_FP8_PV).lower()})"),
 }
 
 
@@ -79,8 +72,6 @@ class SeerConfig:
             as one 128-row tile (0: never).
         pooled_key_cache: keep the pooled keys of complete key blocks across prefill steps
             (CUDA; :mod:`vllm_seer.kernels.paged_pool.key_cache`).
-        fp8_pv: over an FP8 KV cache on CUDA, ``P @ V`` as an FP8 dot; ``None`` when not given
-            (:data:`DEFAULT_FP8_PV` then; a given ``True`` is refused without an FP8 cache).
     """
 
     gates: Path
@@ -90,12 +81,6 @@ class SeerConfig:
     dense_layers: frozenset[int] = field(default_factory=frozenset)
     pair_max_ratio: float = DEFAULT_PAIR_MAX_RATIO
     pooled_key_cache: bool = False
-    fp8_pv: bool | None = None
-
-    @property
-    def use_fp8_pv(self) -> bool:
-        """Whether an FP8 cache's attention runs ``P @ V`` in FP8 (the setting or its default)."""
-        return DEFAULT_FP8_PV if self.fp8_pv is None else self.fp8_pv
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> SeerConfig:
@@ -159,9 +144,8 @@ class SeerConfig:
             raise SeerConfigError(f"seer setting 'pair_max_ratio' must be 0 (no pair tiles) or a "
                                   f"number in [1, 2], got {pair_ratio!r}")
         key_cache = _flag(merged, "pooled_key_cache", False, origin)
-        fp8_pv = _flag(merged, "fp8_pv", False, origin) if "fp8_pv" in merged else None
         return cls(folder, source, selection, min_tokens, frozenset(dense), float(pair_ratio),
-                   key_cache, fp8_pv)
+                   key_cache)
 
     def for_device(self, device_type: str) -> SeerConfig:
         """This config with ``min_prefill_tokens`` set (the device's default when not given)."""
@@ -182,7 +166,6 @@ class SeerConfig:
             "last_block_dense": str(s.last_block_dense).lower(),
             "pair_max_ratio": f"{self.pair_max_ratio:g}",
             "pooled_key_cache": str(self.pooled_key_cache).lower(),
-            "fp8_pv": str(self.use_fp8_pv).lower(),
         }
 
 

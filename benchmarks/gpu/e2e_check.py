@@ -326,7 +326,7 @@ def main() -> int:
                     help="served with this --kv-cache-dtype (e.g. fp8); only the density-1 runs "
                          f"({','.join(DENSITY1_RUNS)}) and check apply")
     ap.add_argument("--seer-extra", type=json.loads, default=None,
-                    help='settings added to every Seer server\'s, e.g. \'{"fp8_pv": true}\'')
+                    help='settings added to every Seer server\'s, e.g. \'{"pooled_key_cache": true}\'')
     args = ap.parse_args()
     cache = ["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else []
     names = DENSITY1_RUNS if cache else RUN_NAMES

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# FP8 P @ V probe on the GPU host, without the vLLM bundle (torch + triton of the host image):
+# FP8 KV cache probe on the GPU host, without the vLLM bundle (torch + triton of the host image):
 # the kernel bench at Llama-3.1-8B shapes on a bf16 and an FP8 cache (bf16 = the baseline in the
-# same run), random gates, page 64, at ${SEQS:-32768,131072}; then the FP8 kernel GPU tests
-# (fp8_pv included); then, with KERNEL_TESTS=1, the other kernel GPU tests that need no vLLM (3
-# pytest processes, cut at ${TESTS_S:-300} s). Results under $OUT.
+# same run), random gates, page 64, at ${SEQS:-32768,131072}; then the FP8 kernel GPU tests;
+# then, with KERNEL_TESTS=1, the other kernel GPU tests that need no vLLM (3 pytest processes,
+# cut at ${TESTS_S:-300} s). Results under $OUT.
 set -u -o pipefail
 [[ -e vllm_seer/kernels ]] || ln -s ../kernels vllm_seer/kernels
 export PYTHONPATH=$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1

@@ -74,69 +74,6 @@ def sparse_prefill_paged_ref(
     Returns:
         ``out``.
     """
-    for s, e, p, v in _softmax_rows(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
-                                    block_index, block_count, scale, block_size, q_scale,
-                                    k_scale, v_scale):
-        out[s:e] = torch.einsum("hnl,hld->hnd", p, v).transpose(0, 1).to(out.dtype)
-    return out
-
-
-# e4m3 keeps 3 mantissa bits: rounding to nearest changes a normal value by at most 2**-4 of it
-E4M3_REL = 2.0 ** -4
-# ... and a value below its normal range (2**-6) by at most half its subnormal step, 2**-10: with
-# the tile maximum scaled to 2**P_SHIFT = 256 that is 2**-18 of the maximum
-E4M3_SUB = 2.0 ** -18
-
-
-def fp8_pv_error_bound(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_index: torch.Tensor,
-    block_count: torch.Tensor,
-    out: torch.Tensor,
-    scale: float,
-    block_size: int = 64,
-    *,
-    q_scale: torch.Tensor | float | None = None,
-    k_scale: torch.Tensor | float | None = None,
-    v_scale: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """The reference of the kernels' ``fp8_pv`` path: how far rounding the probabilities to
-    float8 e4m3 may move each output element from :func:`sparse_prefill_paged_ref`'s.
-
-    With ``p~_j = p_j (1 + e_j)``, ``|e_j| <= 2**-4``, normalised by the sum of the rounded
-    values (as the kernels do), ``o~ - o = sum_j p_j e_j (v_j - o) / sum_j p~_j``, so
-    ``|o~ - o| <= 2**-4 / (1 - 2**-4) * sum_j w_j |v_j - o|`` with ``w`` the exact softmax weights,
-    plus, for probabilities below e4m3's normal range (scaled to ``2**P_SHIFT`` at the maximum,
-    ``p < 2**-14 max p``), an absolute error of at most ``2**-18 max_j w_j`` each (the kernels scale
-    by their running maximum, never above the row's, so this bound holds for them).
-    Same signature as the reference; ``out`` receives the bound, ``[T, Hq, D]`` fp32 rows.
-    """
-    for s, e, p, v in _softmax_rows(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
-                                    block_index, block_count, scale, block_size, q_scale,
-                                    k_scale, v_scale):
-        hq, L, d = v.shape
-        step = max(1, (1 << 26) // (hq * L * d))  # query rows per [Hq, rows, L, D] temporary
-        for r in range(0, e - s, step):
-            pr = p[:, r:r + step]
-            o = torch.einsum("hnl,hld->hnd", pr, v)  # [Hq, rows, D]
-            dev = (v[:, None] - o[:, :, None]).abs()  # [Hq, rows, L, D]
-            spread = torch.einsum("hnl,hnld->hnd", pr, dev)
-            # below the normal range: an absolute error of E4M3_SUB of the tile's maximum
-            floor = pr.amax(-1, keepdim=True) * torch.einsum("hnl,hnld->hnd", (pr > 0).float(), dev)
-            bound = (E4M3_REL * spread + E4M3_SUB * floor) / (1 - E4M3_REL)
-            out[s + r:s + r + pr.shape[1]] = bound.transpose(0, 1).to(out.dtype)
-    return out
-
-
-def _softmax_rows(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_index,
-                  block_count, scale, block_size, q_scale, k_scale, v_scale):
-    """Per request with query rows: ``(s, e, p [Hq, n, L] fp32 softmax weights, v [Hq, L, D])``,
-    rows ``s:e`` of ``q`` (the arguments as :func:`sparse_prefill_paged_ref` takes them)."""
     kv_fp8 = check_fp8_kv(k_cache, v_cache)
     check_presence(k_scale, "k_scale", kv_fp8)
     check_presence(v_scale, "v_scale", kv_fp8)
@@ -158,7 +95,9 @@ def _softmax_rows(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, bloc
         allowed = _allowed(block_index[b], block_count[b], L, n, block_size, q.device)
         logits = torch.einsum("hnd,hld->hnl", qf, k) * scale
         logits = logits.masked_fill(~allowed, float("-inf"))
-        yield s, e, torch.softmax(logits, dim=-1), v
+        p = torch.softmax(logits, dim=-1)
+        out[s:e] = torch.einsum("hnl,hld->hnd", p, v).transpose(0, 1).to(out.dtype)
+    return out
 
 
 def check_fp8_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

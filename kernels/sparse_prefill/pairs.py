@@ -141,8 +141,7 @@ def _pair_kernel(
     stride_btb, stride_btp,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr, DOT_DTYPE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  union: [B, HQ, MQP, S2] (kb * 4 + flags)
@@ -188,7 +187,7 @@ def _pair_kernel(
                 ok = tl.where(half_b, (code & 2) != 0, (code & 1) != 0)[:, None]
                 r_kv = page_row(code_n >> 2, bt_row, stride_btp, PAGE_SIZE, BLOCK)
                 acc, m_i, l_i = online_softmax_step(q, tl.trans(k), v, acc, m_i, l_i, qk_scale,
-                                                    ok, True, DOT_FP32, KV_FP8, FP8_QK, FP8_PV,
+                                                    ok, True, DOT_FP32, KV_FP8, FP8_QK,
                                                     DOT_DTYPE)
                 code = code_n
         else:
@@ -206,7 +205,7 @@ def _pair_kernel(
                 tok_v = token_offsets(code_n >> 2, bt_row, stride_btp, stride_vp, stride_vt,
                                       offs_n, PAGE_SIZE, BLOCK)
                 acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,
-                                                    DOT_FP32, KV_FP8, FP8_QK, FP8_PV, DOT_DTYPE)
+                                                    DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
                 code = code_n
         for i in range(n_full, uc):  # the diagonals: causal and past-the-end masks
             code = tl.load(list_ptr + i)
@@ -216,7 +215,7 @@ def _pair_kernel(
             sel = tl.where(half_b, (code & 2) != 0, (code & 1) != 0)
             ok = sel[:, None] & k_ok[None, :] & (pos_k[None, :] <= pos_q[:, None])
             acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,
-                                                DOT_FP32, KV_FP8, FP8_QK, FP8_PV, DOT_DTYPE)
+                                                DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
         if KV_FP8:
             acc = acc * tl.load(vs_ptr)
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

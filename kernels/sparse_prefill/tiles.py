@@ -72,59 +72,30 @@ def load_v(v_base, tok, dv, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr)
         return tl.load(v_base + tok[:, None] + dv, mask=d_ok[None, :], other=0.0)
 
 
-# FP8 P @ V (``FP8_PV``): the probabilities are computed as 2**P_SHIFT * p, which maps [0, 1] onto
-# [0, 256] (below e4m3's max 448) so that p down to 2**-14 keeps e4m3's full 3-bit mantissa instead of
-# turning subnormal below 2**-6; the factor cancels between the accumulator and the denominator.
-P_SHIFT = tl.constexpr(8.0)
-
-
-@triton.jit
-def round_e4m3(x):
-    """Non-negative fp32 ``x`` (at most 448) rounded to the nearest float8 e4m3 value, in fp32:
-    3 mantissa bits above 2**-6, steps of 2**-9 below (ties rounded up, not to even)."""
-    e = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
-    step = ((tl.maximum(e, 127 - 6) - 3) << 23).to(tl.float32, bitcast=True)
-    return tl.floor(x / step + 0.5) * step
-
-
 @triton.jit
 def online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, MASKED: tl.constexpr,
                         DOT_FP32: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr,
-                        FP8_PV: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                        DOT_DTYPE: tl.constexpr):
     """One key tile of the online softmax for a ``[M, D]`` query tile; ``ok`` (``MASKED``) masks
     scores: the diagonal block's causal mask, and in pair tiles the half whose row did not select
     the block.
     ``DOT_DTYPE``: what float8 K (unless ``FP8_QK``: float8 q and K dot as they are) and V tiles
-    are converted to. ``FP8_PV`` (float8 V): ``P @ V`` as an FP8 x FP8 dot of the probabilities
-    rounded to float8 e4m3 (scaled by ``2**P_SHIFT``) and V as loaded, as FlashAttention-3's FP8
-    forward does; the denominator sums the unrounded probabilities. Under ``DOT_FP32`` (the
-    interpreter) the rounding is emulated and the dot runs in fp32."""
+    are converted to."""
     if DOT_FP32:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
     elif KV_FP8:
         if not FP8_QK:
             kt = kt.to(DOT_DTYPE)
-        if not FP8_PV:
-            v = v.to(DOT_DTYPE)
+        v = v.to(DOT_DTYPE)
     s = tl.dot(q, kt) * qk_scale  # [BLOCK, N], log2 domain
     if MASKED:
         s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
-    if FP8_PV:
-        p = tl.exp2(s - (m_new[:, None] - P_SHIFT))
-        if DOT_FP32:  # the interpreter's float8 conversion misrounds: emulated in fp32
-            p = round_e4m3(p)
-            p8 = p
-        else:
-            p8 = p.to(tl.float8e4nv)
-            p = p8.to(tl.float32)  # the denominator sums what the dot multiplies
-    else:
-        p = tl.exp2(s - m_new[:, None])
-        p8 = p.to(v.dtype)
+    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p8, v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
 

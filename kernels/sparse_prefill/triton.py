@@ -81,9 +81,6 @@ def default_band(mqb: int) -> int:
     """The program order's band for ``mqb`` query blocks per row of the grid (see ``BAND_MAX``)."""
     return max(1, min(BAND_MAX, mqb // 4))
 
-# P @ V over a float8 cache as an FP8 x FP8 dot (see sparse_prefill_paged's fp8_pv)
-FP8_PV_DEFAULT = False
-
 DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -110,8 +107,7 @@ def _sparse_prefill_kernel(
     stride_btb, stride_btp,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
-    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    Q_FP8: tl.constexpr, KV_FP8: tl.constexpr, FP8_QK: tl.constexpr, DOT_DTYPE: tl.constexpr,
     USE_TMA: tl.constexpr, PAIRS: tl.constexpr,
 ):
     # q: [T, HQ, D]  k/v: [P, PAGE_SIZE, HKV, D]  idx: [B, HQ, MQB, MKB]  cnt: [B, HQ, MQB]
@@ -181,7 +177,7 @@ def _sparse_prefill_kernel(
                 v = v_desc.load([r_kv, col_v])
                 r_kv = page_row(kb_n, bt_row, stride_btp, PAGE_SIZE, BLOCK)
                 acc, m_i, l_i = online_softmax_step(q, tl.trans(k), v, acc, m_i, l_i, qk_scale,
-                                                     True, False, DOT_FP32, KV_FP8, FP8_QK, FP8_PV,
+                                                     True, False, DOT_FP32, KV_FP8, FP8_QK,
                                                      DOT_DTYPE)
         else:
             tok_k = token_offsets(kb, bt_row, stride_btp, stride_kp, stride_kt, offs_m,
@@ -197,14 +193,14 @@ def _sparse_prefill_kernel(
                 tok_v = token_offsets(kb_n, bt_row, stride_btp, stride_vp, stride_vt, offs_m,
                                        PAGE_SIZE, BLOCK)
                 acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, True,
-                                                     False, DOT_FP32, KV_FP8, FP8_QK, FP8_PV, DOT_DTYPE)
+                                                     False, DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
         if n_full < hi:  # the diagonal block: may run past the request's last token
             pos_k, k_ok, kt, v = load_kv_masked(last, seq_len, bt_row, stride_btp, k_base, v_base,
                                                 stride_kp, stride_kt, stride_vp, stride_vt, dk,
                                                 dv, d_ok, offs_m, PAGE_SIZE, BLOCK)
             ok = k_ok[None, :] & (pos_k[None, :] <= pos_q[:, None])
             acc, m_i, l_i = online_softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, ok, True,
-                                                 DOT_FP32, KV_FP8, FP8_QK, FP8_PV, DOT_DTYPE)
+                                                 DOT_FP32, KV_FP8, FP8_QK, DOT_DTYPE)
         if KV_FP8:  # V = float8 * v_scale: linear, so once on the accumulator
             acc = acc * tl.load(vs_ptr)
         if is_slice:  # unnormalised partial result of this slice (merged by the combine kernel)
@@ -268,7 +264,6 @@ def sparse_prefill_paged(
     tma: bool | None = None,
     band: int | None = None,
     pairs: PairWork | None = None,
-    fp8_pv: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of packed prefill rows over the paged cache (Triton).
 
@@ -299,9 +294,6 @@ def sparse_prefill_paged(
         pairs: workspace of the 128-row pair tiles (:mod:`.pairs`): adjacent query blocks whose
             lists overlap enough run as one tile over the union of their lists; ``None``: every
             row as a 64-row tile.
-        fp8_pv: over a float8 cache, ``P @ V`` as an FP8 x FP8 dot (the probabilities rounded to
-            float8 e4m3, see :func:`.tiles.online_softmax_step`) instead of V converted to 16
-            bits; ``None``: :data:`FP8_PV_DEFAULT`. Refused (``True``) over a 16/32-bit cache.
     Returns:
         ``out``.
     """
@@ -310,9 +302,6 @@ def sparse_prefill_paged(
     if q_fp8 and not kv_fp8:
         raise TypeError(f"q is float8_e4m3fn over a {k_cache.dtype} cache: a float8 query needs a "
                         "float8 cache")
-    if fp8_pv and not kv_fp8:
-        raise ValueError(f"fp8_pv=True needs a float8_e4m3fn cache, not {k_cache.dtype}")
-    fp8_pv = kv_fp8 and (FP8_PV_DEFAULT if fp8_pv is None else fp8_pv)
     if out.dtype not in DOT_DTYPES:
         raise TypeError(f"out is {out.dtype}; expected one of {list(DOT_DTYPES)}")
     dev = q.device
@@ -361,7 +350,7 @@ def sparse_prefill_paged(
         ws = (block_count, block_count, block_count, out, out)  # unused (SPLIT=False)
     scales = [block_count if s is None else s for s in scales]  # unused where None
     flags = dict(DOT_FP32=dot_fp32, Q_FP8=q_fp8, KV_FP8=kv_fp8,
-                 FP8_QK=q_fp8 and kv_fp8 and not dot_fp32, FP8_PV=fp8_pv, DOT_DTYPE=dot_dtype)
+                 FP8_QK=q_fp8 and kv_fp8 and not dot_fp32, DOT_DTYPE=dot_dtype)
     if use_pairs:  # heaviest first as well: the pair grid's band is over pairs of query blocks
         pair_attention(q, k_cache, v_cache, descs, block_table, cu_seqlens_q, seq_lens, mqb,
                        pairs, out, scale, block_size, band and default_band(-(-mqb // 2)), scales,

@@ -13,8 +13,6 @@ import math
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from _paged import (
     DEVICE,
     assert_split_ran,
@@ -25,8 +23,6 @@ from _paged import (
 )
 from vllm_seer.kernels.paged_pool import pool_k_paged_ref, pool_q_varlen_ref
 from vllm_seer.kernels.sparse_prefill import masks_to_block_lists, sparse_prefill_paged_ref
-from vllm_seer.kernels.sparse_prefill.naive import fp8_pv_error_bound
-from vllm_seer.kernels.sparse_prefill.tiles import round_e4m3
 
 from vllm_seer.rope import RopeSpec
 
@@ -51,8 +47,8 @@ GPU_ATTN_CASES = {
 }
 
 
-def _attn(case: tuple, q_dtype: torch.dtype, q_fp8: bool, split: tuple[int, int] | None = None,
-          fp8_pv: bool = False) -> None:
+def _attn(case: tuple, q_dtype: torch.dtype, q_fp8: bool, split: tuple[int, int] | None = None
+          ) -> None:
     from vllm_seer.kernels.sparse_prefill import sparse_prefill_paged
     from vllm_seer.kernels.sparse_prefill.split import SplitWork
 
@@ -80,19 +76,10 @@ def _attn(case: tuple, q_dtype: torch.dtype, q_fp8: bool, split: tuple[int, int]
         work = SplitWork.allocate(index.numel() // mkb, d, DEVICE, bs, capacity=split[1],
                                   split_blocks=split[0])
     out = nan.clone()
-    got = sparse_prefill_paged(*args, out, scale, bs, work, **scales, fp8_pv=fp8_pv)
+    got = sparse_prefill_paged(*args, out, scale, bs, work, **scales)
     assert got is out
     assert torch.isfinite(ref).all()  # every row's list holds its diagonal block
-    if fp8_pv:  # within the e4m3 rounding bound of P (+ the output's own rounding)
-        bound = fp8_pv_error_bound(*args, torch.full(q.shape, float("nan"), device=dev), scale,
-                                   bs, **scales)
-        err = (out.float() - ref.float()).abs()
-        excess = err - (bound + 8e-3 * ref.float().abs() + 1e-3)
-        assert excess.max() <= 0, f"{int((excess > 0).sum())} elements past the bound"
-        # P really was rounded to float8 (the 16-bit P path errs ~100x less on these inputs)
-        assert float(err.norm() / ref.float().norm()) > 3e-3
-    else:
-        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     if work is not None:  # the split path really ran (and, with a small capacity, overflowed)
         assert_split_ran(work, count, split)
 
@@ -124,17 +111,6 @@ def test_references_read_float8_times_scale() -> None:
 @pytest.mark.parametrize("case", ATTN_CASES.values(), ids=ATTN_CASES.keys())
 def test_sparse_prefill_fp8_kv(case: tuple, q_fp8: bool) -> None:
     _attn(case, torch.float16, q_fp8)
-
-
-@pytest.mark.parametrize("q_fp8", [False, True], ids=["fp16-q", "fp8-q"])
-@pytest.mark.parametrize("case", list(ATTN_CASES.values())[:2], ids=list(ATTN_CASES)[:2])
-def test_sparse_prefill_fp8_pv(case: tuple, q_fp8: bool) -> None:
-    """P @ V as an FP8 dot: the error stays within the e4m3 rounding bound of P."""
-    _attn(case, torch.float16, q_fp8, fp8_pv=True)
-
-
-def test_sparse_prefill_fp8_pv_split_rows() -> None:
-    _attn(SPLIT_CASES["split-ragged-p16"][0], torch.float16, True, (2, 4096), fp8_pv=True)
 
 
 @pytest.mark.parametrize("case,split", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
@@ -236,15 +212,6 @@ def test_sparse_prefill_fp8_gpu(case: tuple, q_fp8: bool) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_fp8", [False, True], ids=["bf16-q", "fp8-q"])
-@pytest.mark.parametrize("case", ["llama-8k-p64", "smollm-ragged-kv-view"])
-def test_sparse_prefill_fp8_pv_gpu(case: str, q_fp8: bool) -> None:
-    lens, n_new, *rest = GPU_ATTN_CASES[case]  # the bound's temporaries: 2k query rows at most
-    _attn(([min(L, 2048) for L in lens], [min(n, 2048) for n in n_new], *rest), torch.bfloat16,
-          q_fp8, fp8_pv=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("q_fp8", [False, True], ids=["bf16-q", "fp8-q"])
 def test_sparse_prefill_fp8_split_rows_gpu(q_fp8: bool) -> None:
     # a 4k chunk over 20k of context, dense-ish lists: 128-block slices, capacity 512 overflows
     _attn(([20000, 3000], [4096, 3000], 32, 8, 128, 16, "token", 64, 0.6), torch.bfloat16,
@@ -255,23 +222,3 @@ def test_sparse_prefill_fp8_split_rows_gpu(q_fp8: bool) -> None:
 @pytest.mark.parametrize("case", GPU_POOL_CASES.values(), ids=GPU_POOL_CASES.keys())
 def test_pool_fp8_gpu(case: tuple) -> None:
     _pool(case)
-
-
-@triton.jit
-def _round_kernel(x_ptr, y_ptr, N: tl.constexpr):
-    offs = tl.arange(0, N)
-    tl.store(y_ptr + offs, round_e4m3(tl.load(x_ptr + offs)))
-
-
-def test_round_e4m3_matches_torch() -> None:
-    """The interpreter's emulation of the fp8_pv rounding equals torch's float8_e4m3fn rounding
-    over [0, 448] (normal and subnormal range; exact ties, where the emulation rounds up and
-    torch to even, are avoided by the random draw)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.rand(2048, generator=gen) * 448,
-                   torch.exp2(torch.rand(2048, generator=gen) * -24),  # down past subnormals
-                   torch.tensor([0.0, 448.0, 256.0, 2.0 ** -6, 2.0 ** -9])]).to(DEVICE)
-    x = torch.cat([x, torch.zeros(8192 - x.numel(), device=DEVICE)])
-    y = torch.full_like(x, float("nan"))
-    _round_kernel[(1,)](x, y, N=8192)
-    torch.testing.assert_close(y, x.to(torch.float8_e4m3fn).float(), rtol=0, atol=0)

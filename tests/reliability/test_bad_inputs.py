@@ -384,21 +384,6 @@ def test_pooled_key_cache_refused_where_it_cannot_work(tiny: Path) -> None:
         check_startup(_vllm_config(tiny, tiny / "gates", on, kv_transfer_config=connector))
 
 
-def test_fp8_pv_refused_without_an_fp8_cuda_cache(tiny: Path) -> None:
-    """``fp8_pv`` given as true changes the FP8 kernels only: on this CPU server (with a 16-bit
-    or an FP8 cache) it would do nothing, so start-up refuses it, naming the setting; false and
-    not given pass."""
-    from vllm_seer.backend.runtime import check_startup
-
-    check_startup(_vllm_config(tiny, tiny / "gates", {"fp8_pv": False}))
-    for cache_dtype in ("auto", "fp8"):
-        with pytest.raises(SeerConfigError, match=rf"'fp8_pv' is for an FP8 KV cache on CUDA "
-                                                  rf".* runs on cpu with --kv-cache-dtype "
-                                                  rf"{cache_dtype}"):
-            check_startup(_vllm_config(tiny, tiny / "gates", {"fp8_pv": True},
-                                       cache_dtype=cache_dtype))
-
-
 def test_partial_rotary_refused_on_cuda_only() -> None:
     """The Triton kernels rotate the whole head: partial rotary is CPU-only for now."""
     from types import SimpleNamespace

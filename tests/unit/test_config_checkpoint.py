@@ -16,7 +16,7 @@ from vllm_seer.checkpoint import (
     load_gates,
     save_gates,
 )
-from vllm_seer.config import DEFAULT_FP8_PV, DEFAULT_PAIR_MAX_RATIO, SeerConfig, SeerConfigError
+from vllm_seer.config import DEFAULT_PAIR_MAX_RATIO, SeerConfig, SeerConfigError
 from vllm_seer.tiny_model import build_random_gates
 
 
@@ -124,12 +124,6 @@ def test_config_defaults_from_checkpoint_and_overrides(gates):
     assert cfg.pair_max_ratio == 0.0
     assert not SeerConfig.from_dict({"gates": str(gates)}).pooled_key_cache  # off by default
     assert SeerConfig.from_dict({"gates": str(gates), "pooled_key_cache": True}).pooled_key_cache
-    default = SeerConfig.from_dict({"gates": str(gates)})  # fp8_pv: not given -> the default
-    assert default.fp8_pv is None and default.use_fp8_pv == DEFAULT_FP8_PV
-    assert default.describe()["fp8_pv"] == str(DEFAULT_FP8_PV).lower()
-    for on in (True, False):
-        given = SeerConfig.from_dict({"gates": str(gates), "fp8_pv": on})
-        assert given.fp8_pv is on and given.use_fp8_pv is on
     assert cfg.selection.method == "threshold" and cfg.selection.threshold == 2e-3
     assert cfg.dense_layers == frozenset({1}) and cfg.min_prefill_tokens == 0
     assert not cfg.selection.last_block_dense
@@ -149,7 +143,6 @@ def test_config_defaults_from_checkpoint_and_overrides(gates):
     ({"pair_max_ratio": 2.5}, r"'pair_max_ratio' must be 0"),
     ({"pair_max_ratio": True}, r"'pair_max_ratio' must be 0"),
     ({"pooled_key_cache": "yes"}, "'pooled_key_cache' must be true or false, got 'yes'"),
-    ({"fp8_pv": 1}, "'fp8_pv' must be true or false, got 1"),
 ])
 def test_config_refuses_bad_values(gates, extra, message):
     with pytest.raises(SeerConfigError, match=message):

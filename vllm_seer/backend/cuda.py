@@ -147,8 +147,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
                     rt.grouped_weights[layer], kv_dtype=kv_dtype, out_dtype=out_dtype,
                     kv_views=kv_views, rope_positions=rt.token_rope,
                     pair_max_ratio=rt.config.pair_max_ratio,
-                    key_cache=rt.config.pooled_key_cache,
-                    fp8_pv=self._fp8 is not None and rt.config.use_fp8_pv)
+                    key_cache=rt.config.pooled_key_cache)
         torch.cuda.synchronize()
         SeerCUDAImpl.warmed_pages = tuple(self._page_sizes)
         logger.info("Seer kernels compiled and autotuned in %.1f s (synthetic prefills on %s-token "
@@ -197,8 +196,7 @@ class SeerCUDAImpl(FlashAttentionImpl):
         t1 = timer.mark()
         sparse_prefill_paged(q, k_cache, v_cache, plan.block_table, plan.cu_seqlens_q,
                              plan.seq_lens, bufs.block_index, bufs.block_count, out, self.scale,
-                             bufs.plan.block_size, bufs.split, pairs=bufs.pairs,
-                             fp8_pv=self._fp8 is not None and rt.config.use_fp8_pv, **scales)
+                             bufs.plan.block_size, bufs.split, pairs=bufs.pairs, **scales)
         t2 = timer.mark()
         if span is None:
             output.index_copy_(0, plan.token_rows, out)

@@ -67,12 +67,6 @@ def check_startup(vllm_config: Any) -> SeerConfig:
         if model.device != "cuda":
             raise SeerConfigError(f"seer setting 'pooled_key_cache' is for CUDA (the Triton gate); "
                                   f"this server runs on {model.device}")
-    if config.fp8_pv:
-        cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
-        if model.device != "cuda" or compat.fp8_cache_dtype(cache_dtype) is None:
-            raise SeerConfigError(f"seer setting 'fp8_pv' is for an FP8 KV cache on CUDA "
-                                  f"(--kv-cache-dtype fp8); this server runs on {model.device} "
-                                  f"with --kv-cache-dtype {cache_dtype}")
     check_gates_fit(read_checkpoint_config(config.gates), config.gates, model)
     return config
 
