@@ -5,6 +5,9 @@
 # and every `run` call resumes where the last stopped (each call stays under the 10-minute limit).
 #   call 1 : carry .cache/gpu/a              scripts/fidelity_gpu.sh stage
 #   call 2+: carry .cache/gpu/b              scripts/fidelity_gpu.sh run      (repeat until "done")
+# Every call copies the GGUF parts it carries (.cache/gpu/*/partNN) to /tmp/keep, and `run`
+# joins all parts kept so far in name order (checked by sha256), so the parts may also travel in
+# smaller pieces beside other calls (`bash scripts/fidelity_gpu.sh stage` after another command).
 #   served : after `.gpu/install-bundle.sh` (README "GPU runs"), carry .cache/gpu/b and .vb:
 #            SERVED="dense nz=0.1 nz=0.3 nz=0.5 thr=5e-4" scripts/fidelity_gpu.sh run
 # Prepare the carried parts here (once):
@@ -19,8 +22,13 @@ GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 OUT=${OUT:-/tmp/out}
 FID=/tmp/fid
 M=/tmp/models/SmolLM2-135M-Instruct
+# every call (stage or run) keeps the GGUF parts it carries (.cache/gpu/*/partNN) in /tmp/keep
+mkdir -p /tmp/keep
+shopt -s nullglob
+for part in .cache/gpu/*/part[0-9][0-9]; do cp "$part" /tmp/keep/; done
+shopt -u nullglob
 if [[ ${1:-} == stage ]]; then
-  mkdir -p /tmp/keep && cp .cache/gpu/a/part00 /tmp/keep/ && ls -la /tmp/keep && nvidia-smi -L
+  ls -la /tmp/keep && nvidia-smi -L
   exit 0
 fi
 [[ ${1:-} == run ]] || { echo "usage: $0 stage|run" >&2; exit 2; }
@@ -30,9 +38,10 @@ fi
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 [[ -e vllm_seer/kernels ]] || ln -s ../kernels vllm_seer/kernels   # editable-install layout
 if [[ ! -f $M/vllm_seer_prepared.json ]]; then
-  test -f /tmp/keep/part00 || { echo "part00 missing: the machine went cold between calls"; exit 3; }
-  cat /tmp/keep/part00 .cache/gpu/b/part01 > /tmp/model.gguf
-  echo "$GGUF_SHA  /tmp/model.gguf" | sha256sum -c
+  cat /tmp/keep/part[0-9][0-9] > /tmp/model.gguf
+  echo "$GGUF_SHA  /tmp/model.gguf" | sha256sum -c || {
+    echo "GGUF parts in /tmp/keep incomplete (the machine went cold between calls?): $(ls /tmp/keep)"
+    exit 3; }
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .cache/gpu/b/w/*.whl
   python3 -c "import sys; from vllm_seer.train.prepare_model import prepare_model_main as m; \
 sys.exit(m(['--out', '$M', '--gguf', '/tmp/model.gguf']))"
