@@ -41,6 +41,9 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "threshold": ("seerattn_threshold", "keep key blocks whose gate probability > threshold, (0, 1)"),
     "nz_ratio": ("seerattn_nz_ratio", "target density of the causal block triangle, (0, 1]"),
     "last_block_dense": ("seerattn_last_block_dense", "last two query-block rows of a step dense"),
+    "sink_blocks": (None, "the first N key blocks are active in every row (integer >= 0; under "
+                          "nz_ratio they count in the row's top-k; default 0: upstream's "
+                          "selection)"),
     "min_prefill_tokens": (None, "prefills whose context is shorter stay on the dense path (>= 0; "
                                  "default 2048 on CPU, 4096 on CUDA)"),
     "dense_layers": (None, "list of layer indices that always stay dense"),
@@ -122,6 +125,7 @@ class SeerConfig:
                               hi_open=True),
             nz_ratio=_number(merged, "nz_ratio", 0.1, origin, lo=0.0, hi=1.0, lo_open=True),
             last_block_dense=_flag(merged, "last_block_dense", True, origin),
+            sink_blocks=_count(merged, "sink_blocks", 0),
         )
         min_tokens = merged.get("min_prefill_tokens")
         if min_tokens is not None and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int)
@@ -164,6 +168,7 @@ class SeerConfig:
             "nz_ratio": f"{s.nz_ratio:g}" if s.method == "nz_ratio" else "",
             "min_prefill_tokens": str(self.min_prefill_tokens),
             "last_block_dense": str(s.last_block_dense).lower(),
+            "sink_blocks": str(s.sink_blocks),
             "pair_max_ratio": f"{self.pair_max_ratio:g}",
             "pooled_key_cache": str(self.pooled_key_cache).lower(),
         }
@@ -223,6 +228,13 @@ def _flag(m: dict[str, Any], key: str, default: bool, origin: dict[str, str]) ->
     if not isinstance(value, bool):
         raise SeerConfigError(f"seer setting {key!r} must be true or false, got {value!r}"
                               f"{origin.get(key, '')}")
+    return value
+
+
+def _count(m: dict[str, Any], key: str, default: int) -> int:
+    value = m.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SeerConfigError(f"seer setting {key!r} must be an integer >= 0, got {value!r}")
     return value
 
 

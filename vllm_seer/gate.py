@@ -34,10 +34,17 @@ class Selection:
     threshold: float
     nz_ratio: float
     last_block_dense: bool
+    # the first ``sink_blocks`` key blocks are active in every row (0: upstream's selection).
+    # Under ``nz_ratio`` they rank above every other causal block, so they count in the row's k
+    # (density unchanged); under ``threshold`` they are kept whatever their probability.
+    sink_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in SPARSITY_METHODS:
             raise ValueError(f"sparsity_method must be one of {SPARSITY_METHODS}, got {self.method!r}")
+        if isinstance(self.sink_blocks, bool) or not isinstance(self.sink_blocks, int) or (
+                self.sink_blocks < 0):
+            raise ValueError(f"sink_blocks must be an integer >= 0, got {self.sink_blocks!r}")
 
 
 def pool_k(k_pre: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -149,7 +156,7 @@ def select_scores(scores: torch.Tensor, qb0: int, sel: Selection) -> torch.Tenso
         causal = _causal(qb0, scores.shape[1], scores.shape[2], scores.device)
         probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
         return _finish(probs > sel.threshold, qb0, sel)
-    return _finish(_topk(scores, qb0, sel.nz_ratio), qb0, sel)
+    return _finish(_topk(_sinks_first(scores, sel.sink_blocks), qb0, sel.nz_ratio), qb0, sel)
 
 
 def select(probs: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
@@ -165,7 +172,17 @@ def select(probs: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
     """
     if sel.method == "threshold":
         return _finish(probs > sel.threshold, qb0, sel)
-    return _finish(_topk(probs, qb0, sel.nz_ratio), qb0, sel)
+    return _finish(_topk(_sinks_first(probs, sel.sink_blocks), qb0, sel.nz_ratio), qb0, sel)
+
+
+def _sinks_first(values: torch.Tensor, sink_blocks: int) -> torch.Tensor:
+    """``values [Hq, nqb, nkb]`` with the first ``sink_blocks`` key blocks raised to ``+inf`` (ranked
+    first by top-k, ties among them to the lowest index); non-causal entries are masked later."""
+    if sink_blocks == 0:
+        return values
+    out = values.to(torch.float32).clone()
+    out[..., :sink_blocks] = float("inf")
+    return out
 
 
 def _topk(values: torch.Tensor, qb0: int, nz_ratio: float) -> torch.Tensor:
@@ -180,12 +197,13 @@ def _topk(values: torch.Tensor, qb0: int, nz_ratio: float) -> torch.Tensor:
 
 
 def _finish(mask: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
-    """Force the diagonal and (``last_block_dense``) the last two rows; keep it causal."""
+    """Force the diagonal, the ``sink_blocks`` first key blocks and (``last_block_dense``) the last
+    two rows; keep it causal."""
     _, nqb, nkb = mask.shape
     dev = mask.device
     qb = qb0 + torch.arange(nqb, device=dev)
-    diag = torch.arange(nkb, device=dev)[None, :] == qb[:, None]
-    mask = mask | diag
+    kb = torch.arange(nkb, device=dev)[None, :]
+    mask = mask | (kb == qb[:, None]) | (kb < sel.sink_blocks)
     if sel.last_block_dense:
         last_rows = qb >= (qb0 + nqb - 2)
         mask = mask | last_rows[:, None]

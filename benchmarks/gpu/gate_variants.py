@@ -71,7 +71,7 @@ def time_select(c: dict, cfg: triton.Config) -> float:
 
     def run() -> None:
         bsel._select_kernel.fn[(mqb, 1, HQ)](
-            b.scores, c["topk"], b.block_index, b.block_count, c["cu"], c["lens"], 0.0, mqb, mkb,
+            b.scores, c["topk"], b.block_index, b.block_count, c["cu"], c["lens"], 0.0, mqb, mkb, 0,
             HQ=HQ, BLOCK=BS, BLOCK_K=triton.next_power_of_2(mkb), TOPK=True, LAST_DENSE=True,
             **cfg.kwargs, num_warps=cfg.num_warps, num_stages=1)
 

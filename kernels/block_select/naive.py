@@ -46,7 +46,7 @@ def block_select_ref(
         inv_freq: ``[G // 2]`` fp32 RoPE inverse frequencies (gate RoPE at block starts).
         cu_seqlens_q: ``[B + 1]`` int32.
         seq_lens: ``[B]`` int32.
-        sel: threshold / nz_ratio selection and ``last_block_dense``.
+        sel: threshold / nz_ratio selection, ``last_block_dense`` and ``sink_blocks``.
         block_index: ``[B, Hq, MQB, MKB]`` int32 out, ascending, ``-1`` padded (fully written).
         block_count: ``[B, Hq, MQB]`` int32 out (0 for rows past a request's query blocks).
         block_size: gate block size.

@@ -18,8 +18,9 @@ Pipeline (no host sync, grids from tensor shapes):
    an exact radix select on the float bits (one bit per pass, at most 32 passes, stopping once
    exactly ``k`` keys lie above the prefix), 1, 2, 4 or 8 warps per row autotuned per row width (one
    warp reduces with shuffles alone, more warps hold fewer scores per thread; ties: lower block
-   index first, the tie-breaking scan only in rows whose passes did not stop early); diagonal,
-   ``last_block_dense`` rows and causality; compaction as one permutation store (selected blocks
+   index first, the tie-breaking scan only in rows whose passes did not stop early; the
+   ``sink_blocks`` first key blocks rank as ``+inf``, so they count in ``k``); diagonal, sink
+   blocks, ``last_block_dense`` rows and causality; compaction as one permutation store (selected blocks
    ascending, then ``-1``) so every element of the row is written exactly once.
 """
 
@@ -140,10 +141,10 @@ def _break_ties(key, kth, k):
 
 @triton.autotune(configs=_select_configs(), key=["BLOCK_K", "TOPK"],
                  prune_configs_by={"early_config_prune": _prune_select})
-@triton.jit(do_not_specialize=["MQB", "MKB"])
+@triton.jit(do_not_specialize=["MQB", "MKB", "SINK"])
 def _select_kernel(
     s_ptr, topk_ptr, idx_ptr, cnt_ptr, cu_ptr, lens_ptr,
-    threshold, MQB, MKB,
+    threshold, MQB, MKB, SINK,
     HQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     TOPK: tl.constexpr, LAST_DENSE: tl.constexpr,
 ):
@@ -161,8 +162,10 @@ def _select_kernel(
     # causal (implies kb < nkb); rows past the request's query blocks select nothing
     causal = (kb <= tl.where(j < nqb, qb, -1)) & (kb < MKB)
     s = tl.load(s_ptr + row * MKB + kb, mask=causal, other=float("-inf"))
+    sink = causal & (kb < SINK)  # the sink blocks: always active, first in the top-k ranking
     if TOPK:
         k = tl.load(topk_ptr + b)
+        s = tl.where(sink, float("inf"), s)
         # order-preserving unsigned 32-bit key of the fp32 score (sign flipped for positives,
         # all bits flipped for negatives); one row per program (1-8 warps, autotuned: one warp
         # reduces each pass with shuffles alone, more warps need a barrier per pass)
@@ -192,7 +195,7 @@ def _select_kernel(
         m = tl.maximum(tl.max(s, 0), -1.0e30)  # finite even for an empty row
         e = tl.where(causal, tl.exp(s - m), 0.0)
         chosen = e / tl.maximum(tl.sum(e, 0), 1.0e-30) > threshold
-    chosen = chosen | (kb == qb)
+    chosen = chosen | (kb == qb) | sink
     if LAST_DENSE:
         chosen = chosen | (j >= nqb - 2)
     chosen = chosen & causal
@@ -229,7 +232,7 @@ def block_select(
         inv_freq: ``[G // 2]`` fp32 RoPE inverse frequencies (gate RoPE at block starts).
         cu_seqlens_q: ``[B + 1]`` int32.
         seq_lens: ``[B]`` int32.
-        sel: threshold / nz_ratio selection and ``last_block_dense``.
+        sel: threshold / nz_ratio selection, ``last_block_dense`` and ``sink_blocks``.
         block_index: ``[B, Hq, MQB, MKB]`` int32 out (contiguous), ascending, ``-1`` padded.
         block_count: ``[B, Hq, MQB]`` int32 out (contiguous), 0 past a request's query blocks.
         block_size: gate block size.
@@ -285,7 +288,7 @@ def block_select(
     block_kk = triton.next_power_of_2(mkb)
     _select_kernel[(mqb, bsz, hq)](
         workspace, k_per_req, block_index, block_count, cu_seqlens_q, seq_lens,
-        float(sel.threshold), mqb, mkb,
+        float(sel.threshold), mqb, mkb, sel.sink_blocks,
         HQ=hq, BLOCK=block_size, BLOCK_K=block_kk, TOPK=use_topk, LAST_DENSE=sel.last_block_dense,
     )
     return block_index, block_count

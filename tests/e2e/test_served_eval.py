@@ -2,13 +2,14 @@
 evaluation's numbers at the same settings.
 
 One held-out 2048-token window and one 2048-token pass-key prompt, dense (vLLM's own backend) as a
-control and Seer ``nz_ratio`` 0.3, fp32 on both sides, every prompt one prefill step (see
-:mod:`vllm_seer.eval.served`). Measured on the 2-core CPU box (2026-11-22): perplexity relative
-differences 1.8e-7 (dense) and 5.0e-7 (Seer), densities identical to 6 digits. fp32 on both sides
-leaves only summation-order differences (vLLM's CPU kernels vs torch SDPA / the eval's masked
-attention), so the tolerances are tight: perplexity 1e-4 relative (200x the measured difference), density
-1e-4 absolute (~14 of the 142,560 head-blocks). A different selection rule (``last_block_dense`` on other
-rows, another top-k ``k``, a chunked prefill) moves the density by > 1e-2 and the perplexity by > 1e-3.
+control, Seer ``nz_ratio`` 0.3, and the same with the setting ``sink_blocks`` 1; fp32 on both
+sides, every prompt one prefill step (see :mod:`vllm_seer.eval.served`). Measured on the 2-core
+CPU box (2026-11-22): perplexity relative differences 1.8e-7 (dense) and 5.0e-7 (Seer), densities
+identical to 6 digits. fp32 on both sides leaves only summation-order differences (vLLM's CPU
+kernels vs torch SDPA / the eval's masked attention), so the tolerances are tight: perplexity 1e-4
+relative (200x the measured difference), density 1e-4 absolute (~14 of the 142,560 head-blocks).
+A different selection rule (``last_block_dense`` on other rows, another top-k ``k``, a chunked
+prefill) moves the density by > 1e-2 and the perplexity by > 1e-3.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PPL_RTOL = 1e-4
 DENSITY_ATOL = 1e-4
-SETTINGS = [Setting.parse("dense"), Setting.parse("nz=0.3")]
+SETTINGS = [Setting.parse("dense"), Setting.parse("nz=0.3"), Setting.parse("nz=0.3+sink=1")]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,10 @@ def test_served_perplexity_equals_offline(results):
     seer = next(v for k, v in ppl.items() if k.endswith("|seer nz=0.3"))
     # the sparse path really ran: at nz 0.3 the perplexity is measurably worse than dense
     assert seer["served_ppl"] > dense["served_ppl"] * 1.01
+    # sink_blocks reached the server: the forced sink block changes the selection (offline on this
+    # window, 2026-12-07: 7.902 without, 7.570 with), each served value equal to its offline one
+    sink = next(v for k, v in ppl.items() if k.endswith("|seer+sink nz=0.3"))
+    assert abs(sink["served_ppl"] / seer["served_ppl"] - 1) > 1e-2
 
 
 def test_served_density_equals_offline(results):

@@ -30,7 +30,10 @@ DENSITY_ATOL = 1e-4
 SETTING = Setting.parse("nz=0.3")
 GOALS = {"ppl_ratio_seer_to_oracle_d01_8k", "ppl_ratio_seer_to_oracle_d03_8k",
          "ppl_ratio_seer_to_dense_d01_8k", "seer_beats_ashape_everywhere",
-         "seer_beats_trainingfree_everywhere", "passkey_d03_minus_dense", "ruler_d03_minus_dense"}
+         "seer_beats_trainingfree_everywhere", "passkey_d03_minus_dense", "ruler_d03_minus_dense",
+         "ppl_ratio_seer_sink_to_oracle_d01_8k", "ppl_ratio_seer_sink_to_oracle_d03_8k",
+         "seer_sink_beats_ashape_everywhere", "seer_sink_beats_trainingfree_everywhere",
+         "passkey_sink_d03_minus_dense", "ruler_sink_d03_minus_dense"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,8 @@ def test_offline_cells(run) -> None:
     suite, _, _ = run
     res = suite.results
     labels = {s.label for s in suite.selectors}
-    assert labels == {"dense", "seer nz=0.3", "ashape nz=0.3", "oracle nz=0.3", "vslash nz=0.3"}
+    assert labels == {"dense", "seer nz=0.3", "seer+sink nz=0.3", "ashape nz=0.3", "oracle nz=0.3",
+                      "vslash nz=0.3"}
     for corpus in ("code", "prose"):
         got = {k.rsplit("|", 1)[1]: v for k, v in res["ppl"].items() if k.startswith(corpus)}
         assert set(got) == labels

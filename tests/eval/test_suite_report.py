@@ -10,7 +10,10 @@ from vllm_seer.eval.suite_served import compare
 
 GOAL_KEYS = {"ppl_ratio_seer_to_oracle_d01_8k", "ppl_ratio_seer_to_oracle_d03_8k",
              "ppl_ratio_seer_to_dense_d01_8k", "seer_beats_ashape_everywhere",
-             "seer_beats_trainingfree_everywhere", "passkey_d03_minus_dense", "ruler_d03_minus_dense"}
+             "seer_beats_trainingfree_everywhere", "passkey_d03_minus_dense", "ruler_d03_minus_dense",
+             "ppl_ratio_seer_sink_to_oracle_d01_8k", "ppl_ratio_seer_sink_to_oracle_d03_8k",
+             "seer_sink_beats_ashape_everywhere", "seer_sink_beats_trainingfree_everywhere",
+             "passkey_sink_d03_minus_dense", "ruler_sink_d03_minus_dense"}
 
 
 def test_mean_ci_bootstrap() -> None:
@@ -29,7 +32,7 @@ def _results() -> dict:
     ppl = {}
     base = {"dense": 5.0, "seer nz=0.1": 5.5, "oracle nz=0.1": 5.2, "ashape nz=0.1": 6.0,
             "vslash nz=0.1": 5.4, "seer nz=0.3": 5.1, "oracle nz=0.3": 5.0, "ashape nz=0.3": 5.3,
-            "vslash nz=0.3": 5.2}
+            "vslash nz=0.3": 5.2, "seer+sink nz=0.1": 5.3, "seer+sink nz=0.3": 5.15}
     for corpus, off in (("code", 0.0), ("prose", 1.0)):
         for w in range(3):
             for lab, p in base.items():
@@ -54,6 +57,10 @@ def test_goals_from_cells() -> None:
     assert g["ppl_ratio_seer_to_dense_d01_8k"] == pytest.approx(6.01 / 5.51)
     assert g["seer_beats_ashape_everywhere"] is True
     assert g["seer_beats_trainingfree_everywhere"] is False  # 5.5 > vslash 5.4 at nz 0.1
+    assert g["ppl_ratio_seer_sink_to_oracle_d01_8k"] == pytest.approx(5.81 / 5.71)
+    assert g["seer_sink_beats_trainingfree_everywhere"] is True  # 5.3 < 5.4, 5.15 < 5.2
+    assert g["seer_sink_beats_ashape_everywhere"] is True
+    assert g["passkey_sink_d03_minus_dense"] is None  # no seer+sink generation cells
     assert g["passkey_d03_minus_dense"] == pytest.approx(-25.0)
     assert g["ruler_d03_minus_dense"] == pytest.approx(0.0)  # vt excluded: dense fails it
     assert goals({"ppl": {}, "gen": {}})["ppl_ratio_seer_to_oracle_d01_8k"] is None

@@ -21,6 +21,10 @@ CPU_CASES = {
     "threshold-mha-empty-req": ([640, 90, 200], [640, 0, 150], 2, 2, 64,
                                 Selection("threshold", 2e-2, 0.0, True)),
     "threshold-d128": ([500], [200], 2, 1, 128, Selection("threshold", 5e-3, 0.0, False)),
+    "topk-sink2-ragged": ([700, 130, 64], [300, 130, 1], 4, 1, 64,
+                          Selection("nz_ratio", 0.0, 0.3, True, sink_blocks=2)),
+    "threshold-sink1-chunk": ([640, 200], [100, 150], 2, 2, 64,
+                              Selection("threshold", 2e-1, 0.0, False, sink_blocks=1)),
 }
 GPU_CASES = {
     "llama-32k-topk0.1": ([32768], [32768], 32, 8, 128, Selection("nz_ratio", 0.0, 0.1, True)),
@@ -28,6 +32,8 @@ GPU_CASES = {
                               Selection("threshold", 5e-4, 0.0, True)),
     "smollm-ragged-topk0.5": ([8192, 777, 64], [2048, 300, 1], 9, 3, 64,
                               Selection("nz_ratio", 0.0, 0.5, True)),
+    "llama-chunk-topk0.1-sink1": ([32768, 5000], [8192, 5000], 32, 8, 128,
+                                  Selection("nz_ratio", 0.0, 0.1, True, sink_blocks=1)),
 }
 
 
@@ -77,6 +83,11 @@ def _run(case: tuple) -> None:
             continue
         qb0, nkb = (L - n) // 64, -(-L // 64)
         nqb = (L - 1) // 64 - qb0 + 1
+        for m in (m_ref, m_got):  # the sink blocks are in every row (where causal)
+            qb = qb0 + torch.arange(nqb, device=m.device)
+            want = torch.arange(nkb, device=m.device)[None, :] <= torch.minimum(
+                qb, torch.full_like(qb, sel.sink_blocks - 1))[:, None]
+            assert (m[b, :, :nqb, :nkb] | ~want).all()
         probs = gate_probs(q_pooled[b, :nqb], qb0, k_pooled[b, :nkb], weight, inv, 64)
         diff = m_ref[b, :, :nqb, :nkb] ^ m_got[b, :, :nqb, :nkb]
         if sel.method == "threshold":  # flips only where the probability sits on the threshold
@@ -209,6 +220,11 @@ def test_block_select_topk_large_scores_keep_k_causal_blocks(scale: float) -> No
     for b, (L, n) in enumerate(zip(lens, n_new, strict=True)):
         qb0, nkb = (L - n) // 64, -(-L // 64)
         nqb = (L - 1) // 64 - qb0 + 1
+        for m in (m_ref, m_got):  # the sink blocks are in every row (where causal)
+            qb = qb0 + torch.arange(nqb, device=m.device)
+            want = torch.arange(nkb, device=m.device)[None, :] <= torch.minimum(
+                qb, torch.full_like(qb, sel.sink_blocks - 1))[:, None]
+            assert (m[b, :, :nqb, :nkb] | ~want).all()
         k = max(1, int((1.0 - math.sqrt(1.0 - 0.3)) * nkb))
         s = gate_scores(q_pooled[b, :nqb], qb0, k_pooled[b, :nkb], weight, inv, 64)
         probs = torch.softmax(s, -1)
@@ -332,7 +348,7 @@ def test_select_kernel_configs_agree(levels: int, warps: int) -> None:
     idx2 = torch.full(shape, -7, dtype=torch.int32, device=DEVICE)
     cnt2 = torch.full(shape[:3], -7, dtype=torch.int32, device=DEVICE)
     bsel._select_kernel.fn[(mqb, len(lens), hq)](
-        work, topk, idx2, cnt2, cu, seq_lens, 0.0, mqb, mkb, HQ=hq, BLOCK=64,
+        work, topk, idx2, cnt2, cu, seq_lens, 0.0, mqb, mkb, 0, HQ=hq, BLOCK=64,
         BLOCK_K=triton.next_power_of_2(mkb), TOPK=True, LAST_DENSE=True, num_warps=warps)
     assert torch.equal(idx2, index) and torch.equal(cnt2, count)
     if levels:  # integer levels: exact scores, so the reference's ties resolve the same way

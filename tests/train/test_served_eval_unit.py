@@ -18,6 +18,15 @@ def test_settings_parse_and_map_to_server_and_offline() -> None:
     assert thr.selector({}, None).selection().threshold == 2e-3
     with pytest.raises(ServedEvalError):
         Setting.parse("topk=3")
+    sink = Setting.parse("nz=0.1+sink=1")
+    assert sink.label == "seer+sink nz=0.1"
+    assert sink.label == sink.selector({}, None).label  # the offline selector's own label
+    assert sink.seer_config(Path("g"))["seer"]["sink_blocks"] == 1
+    assert sink.selector({}, None).selection().sink_blocks == 1
+    assert Setting.parse("thr=2e-3+sink=2").label == "seer+sink2 thr=0.002"
+    for bad in ("nz=0.1+sink=x", "nz=0.1+sink", "nz=0.1+foo=1"):
+        with pytest.raises(ServedEvalError, match="optionally followed by"):
+            Setting.parse(bad)
     flags = server_flags(2048)
     assert int(flags[flags.index("--max-num-batched-tokens") + 1]) >= 2048
     assert "--no-enable-prefix-caching" in flags and "float32" in flags

@@ -127,6 +127,9 @@ def test_config_defaults_from_checkpoint_and_overrides(gates):
     assert cfg.selection.method == "threshold" and cfg.selection.threshold == 2e-3
     assert cfg.dense_layers == frozenset({1}) and cfg.min_prefill_tokens == 0
     assert not cfg.selection.last_block_dense
+    assert cfg.selection.sink_blocks == 0  # upstream's selection by default
+    sink = SeerConfig.from_dict({"gates": str(gates), "sink_blocks": 2})
+    assert sink.selection.sink_blocks == 2 and sink.describe()["sink_blocks"] == "2"
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -143,6 +146,9 @@ def test_config_defaults_from_checkpoint_and_overrides(gates):
     ({"pair_max_ratio": 2.5}, r"'pair_max_ratio' must be 0"),
     ({"pair_max_ratio": True}, r"'pair_max_ratio' must be 0"),
     ({"pooled_key_cache": "yes"}, "'pooled_key_cache' must be true or false, got 'yes'"),
+    ({"sink_blocks": -1}, "'sink_blocks' must be an integer >= 0, got -1"),
+    ({"sink_blocks": 1.0}, "'sink_blocks' must be an integer >= 0, got 1.0"),
+    ({"sink_blocks": True}, "'sink_blocks' must be an integer >= 0, got True"),
 ])
 def test_config_refuses_bad_values(gates, extra, message):
     with pytest.raises(SeerConfigError, match=message):

@@ -116,6 +116,39 @@ def test_select_scores_topk_ranks_logits_where_probs_underflow():
     assert thr[0, 0].int().tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
 
 
+def test_select_sink_blocks_hand_case():
+    """``sink_blocks``: under top-k the first blocks take places of the row's k (density kept);
+    under threshold they are added whatever their probability; the diagonal stays forced."""
+    inf = float("-inf")
+    # one head, query blocks 3 and 4 of 8 key blocks; k = int((1 - sqrt(0.5)) * 8) = 2
+    scores = torch.tensor([[[-9.0, -8.0, 5.0, 4.0, inf, inf, inf, inf],
+                            [-9.0, 1.0, 5.0, 4.0, 3.0, inf, inf, inf]]])
+    top = Selection("nz_ratio", 0.0, 0.5, False)
+    sink1 = Selection("nz_ratio", 0.0, 0.5, False, sink_blocks=1)
+    assert select_scores(scores, 3, top)[0].int().tolist() == [[0, 0, 1, 1, 0, 0, 0, 0],
+                                                               [0, 0, 1, 1, 1, 0, 0, 0]]
+    # block 0 first, then the best other one; rows still hold k = 2 (+ the diagonal)
+    assert select_scores(scores, 3, sink1)[0].int().tolist() == [[1, 0, 1, 1, 0, 0, 0, 0],
+                                                                 [1, 0, 1, 0, 1, 0, 0, 0]]
+    # more sink blocks than k: all of them are active, nothing else but the diagonal
+    sink3 = Selection("nz_ratio", 0.0, 0.5, False, sink_blocks=3)
+    assert select_scores(scores, 3, sink3)[0].int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0],
+                                                                 [1, 1, 1, 0, 1, 0, 0, 0]]
+    thr = Selection("threshold", 0.2, 0.0, False, sink_blocks=1)
+    probs = torch.tensor([[[0.0, 0.0, 0.7, 0.3, 0, 0, 0, 0]]])
+    assert select(probs, 3, thr)[0, 0].int().tolist() == [1, 0, 1, 1, 0, 0, 0, 0]
+    # never past the causal boundary: query block 0 keeps only itself even with 3 sink blocks
+    first = torch.tensor([[[0.0, inf, inf, inf]]])
+    assert select_scores(first, 0, Selection("nz_ratio", 0.0, 0.5, False, sink_blocks=3)
+                         )[0, 0].int().tolist() == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_selection_refuses_bad_sink_blocks(bad):
+    with pytest.raises(ValueError, match="sink_blocks must be an integer >= 0"):
+        Selection("nz_ratio", 0.0, 0.1, True, sink_blocks=bad)
+
+
 def test_select_topk_ties_take_lowest_index():
     """Equal scores: the lowest block indices win (the Triton select kernel's rule), in both
     :func:`select_scores` and :func:`select` (whose causal zeros beat the non-causal ones)."""

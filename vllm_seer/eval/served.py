@@ -49,31 +49,42 @@ class Setting:
 
     kind: str  # dense | nz_ratio | threshold
     value: float = 0.0
+    sink_blocks: int = 0  # Seer setting sink_blocks
 
     @classmethod
     def parse(cls, text: str) -> Setting:
-        """``dense``, ``nz=0.3`` or ``thr=2e-3``."""
+        """``dense``, ``nz=0.3`` or ``thr=2e-3``, optionally ``+sink=N`` (``nz=0.1+sink=1``)."""
         if text == "dense":
             return cls("dense")
-        name, _, val = text.partition("=")
+        main, plus, extra = text.partition("+")
+        name, _, val = main.partition("=")
         kinds = {"nz": "nz_ratio", "thr": "threshold"}
-        if name not in kinds or not val:
-            raise ServedEvalError(f"setting {text!r}: expected dense, nz=R or thr=T")
-        return cls(kinds[name], float(val))
+        sink = extra.removeprefix("sink=") if plus else "0"
+        if name not in kinds or not val or not sink.isdigit():
+            raise ServedEvalError(f"setting {text!r}: expected dense, nz=R or thr=T, optionally "
+                                  "followed by +sink=N")
+        return cls(kinds[name], float(val), int(sink))
 
     @property
     def label(self) -> str:
-        """The offline selector label (``dense``, ``seer nz=0.3``, ``seer thr=0.002``)."""
+        """The offline selector label (``dense``, ``seer nz=0.3``, ``seer thr=0.002``,
+        ``seer+sink nz=0.1``), as :attr:`vllm_seer.eval.sparse.Selector.label` writes it."""
         if self.kind == "dense":
             return "dense"
-        return f"seer {'nz' if self.kind == 'nz_ratio' else 'thr'}={self.value:g}"
+        name = "seer"
+        if self.sink_blocks:
+            name += "+sink" + (str(self.sink_blocks) if self.sink_blocks > 1 else "")
+        return f"{name} {'nz' if self.kind == 'nz_ratio' else 'thr'}={self.value:g}"
 
     def seer_config(self, gates: Path, min_prefill_tokens: int = 0) -> dict[str, Any] | None:
         """The ``--additional-config`` dict (``None`` for dense: vLLM's own backend)."""
         if self.kind == "dense":
             return None
-        return {"seer": {"gates": str(gates), "sparsity_method": self.kind, self.kind: self.value,
-                         "last_block_dense": True, "min_prefill_tokens": min_prefill_tokens}}
+        cfg = {"gates": str(gates), "sparsity_method": self.kind, self.kind: self.value,
+               "last_block_dense": True, "min_prefill_tokens": min_prefill_tokens}
+        if self.sink_blocks:
+            cfg["sink_blocks"] = self.sink_blocks
+        return {"seer": cfg}
 
     def selector(self, weights: dict[int, torch.Tensor], inv_freq: torch.Tensor,
                  block_size: int = 64) -> Any:
@@ -84,7 +95,7 @@ class Setting:
             return Selector("dense", block_size=block_size)
         kw = {"nz_ratio": self.value} if self.kind == "nz_ratio" else {"threshold": self.value}
         return Selector("seer", self.kind, block_size=block_size, weights=weights,
-                        inv_freq=inv_freq, **kw)
+                        inv_freq=inv_freq, sink_blocks=self.sink_blocks, **kw)
 
 
 def server_flags(max_prompt_tokens: int) -> list[str]:
@@ -293,7 +304,7 @@ def eval_served_main(argv: list[str] | None = None) -> int:
                    help="local HF model folder (default: the prepared SmolLM2)")
     p.add_argument("--gates", type=Path, default=DEFAULT_GATES)
     p.add_argument("--settings", nargs="+", default=["dense", "nz=0.3"],
-                   help="dense, nz=R, thr=T (one server each)")
+                   help="dense, nz=R, thr=T, optionally +sink=N (one server each)")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048])
     p.add_argument("--ppl-docs", type=int, default=2)
     p.add_argument("--depths", type=float, nargs="+", default=[0.5])

@@ -8,7 +8,8 @@ implementation ``"seer_eval"``, reading the active selector from :data:`STATE`.
 
 Selectors (all keep the diagonal block, and the last two query-block rows dense, like Seer):
 
-* ``seer``: the trained gate (:func:`vllm_seer.gate.gate_mask`) with threshold or nz_ratio top-k;
+* ``seer``: the trained gate (:func:`vllm_seer.gate.gate_mask`) with threshold or nz_ratio top-k,
+  optionally with ``sink_blocks`` (the first key blocks always active, inside the top-k budget);
 * ``ashape``: sink block 0 plus a local window of the most recent blocks, ``k`` blocks per row;
 * ``oracle``: top-``k`` blocks of the true block max-pooled attention (the distillation target);
 * ``vslash``: MInference's vertical-slash pattern estimated from the last 64 queries, at the same
@@ -46,16 +47,27 @@ class Selector:
     block_size: int = 64
     weights: dict[int, torch.Tensor] | None = None
     inv_freq: torch.Tensor | None = None
+    sink_blocks: int = 0  # seer only: Selection.sink_blocks
+
+    def __post_init__(self) -> None:
+        if self.sink_blocks and self.kind != "seer":
+            raise ValueError(f"sink_blocks applies to the seer selector only, not {self.kind!r}")
 
     @property
     def label(self) -> str:
+        """``dense``, ``seer nz=0.1``, ``seer thr=0.002``, ``seer+sink nz=0.1`` (one sink block),
+        ``seer+sink2 nz=0.1``, ``oracle nz=0.1``..."""
         if self.kind == "dense":
             return "dense"
-        return f"{self.kind} thr={self.threshold:g}" if self.method == "threshold" else (
-            f"{self.kind} nz={self.nz_ratio:g}")
+        name = self.kind
+        if self.sink_blocks:
+            name += "+sink" + (str(self.sink_blocks) if self.sink_blocks > 1 else "")
+        return f"{name} thr={self.threshold:g}" if self.method == "threshold" else (
+            f"{name} nz={self.nz_ratio:g}")
 
     def selection(self) -> Selection:
-        return Selection(self.method, self.threshold, self.nz_ratio, last_block_dense=True)
+        return Selection(self.method, self.threshold, self.nz_ratio, last_block_dense=True,
+                         sink_blocks=self.sink_blocks)
 
     def mask(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         """``[Hq, nqb, nkb]`` bool mask for one layer, or ``None`` for dense."""

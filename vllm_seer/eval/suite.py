@@ -1,7 +1,8 @@
 """The accuracy suite, offline: a transformers model under every selector, results kept incrementally.
 
 Three families of cells, each run for every selector of :func:`suite_selectors` (dense; Seer at the
-top-k budgets ``nz_ratios`` and at ``thresholds``; A-shape, oracle top-k and MInference
+top-k budgets ``nz_ratios`` and at ``thresholds``; Seer with the sink block forced at the top-k
+budgets (``seer+sink``, setting ``sink_blocks`` 1); A-shape, oracle top-k and MInference
 vertical-slash at the same top-k budgets, so top-k selectors are matched in block budget; every
 cell records the density it achieved, active / causal blocks over all layers and heads):
 
@@ -73,12 +74,15 @@ SIZES = {
 def suite_selectors(weights: dict[int, torch.Tensor], inv_freq: torch.Tensor,
                     nz_ratios: tuple[float, ...], thresholds: tuple[float, ...],
                     block_size: int = 64) -> list[Selector]:
-    """dense, Seer top-k and threshold, then A-shape / oracle / vertical-slash at each top-k."""
+    """dense, Seer top-k and threshold, Seer top-k with the sink block forced (``seer+sink``,
+    setting ``sink_blocks`` 1), then A-shape / oracle / vertical-slash at each top-k."""
     sels = [Selector("dense", block_size=block_size)]
     sels += [Selector("seer", "nz_ratio", nz_ratio=r, block_size=block_size, weights=weights,
                       inv_freq=inv_freq) for r in nz_ratios]
     sels += [Selector("seer", "threshold", threshold=t, block_size=block_size, weights=weights,
                       inv_freq=inv_freq) for t in thresholds]
+    sels += [Selector("seer", "nz_ratio", nz_ratio=r, block_size=block_size, weights=weights,
+                      inv_freq=inv_freq, sink_blocks=1) for r in nz_ratios]
     for kind in ("ashape", "oracle", "vslash"):
         sels += [Selector(kind, "nz_ratio", nz_ratio=r, block_size=block_size) for r in nz_ratios]
     return sels

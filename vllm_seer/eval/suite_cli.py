@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="offline model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--served", nargs="*", default=None, metavar="SETTING",
-                   help="also run through vllm serve with these settings (dense, nz=R, thr=T)")
+                   help="also run through vllm serve with these settings (dense, nz=R, thr=T, "
+                        "optionally +sink=N)")
     p.add_argument("--served-dtype", default="float32", help="the served model's --dtype")
     p.add_argument("--timeout", type=float, default=600.0, help="server start-up timeout (s)")
     p.add_argument("--train-record", type=Path, default=None,

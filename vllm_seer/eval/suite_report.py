@@ -18,7 +18,7 @@ from vllm_seer.eval.report import dress_density_axes, save_figure, selector_fami
 from vllm_seer.eval.suite import CORPORA, DENSE_PASS
 
 RESAMPLES = 2000
-KIND_ORDER = {"dense": 0, "seer": 1, "ashape": 2, "vslash": 3, "oracle": 4}
+KIND_ORDER = {"dense": 0, "seer": 1, "seer+sink": 2, "ashape": 3, "vslash": 4, "oracle": 5}
 
 
 def mean_ci(xs: list[float], seed: int = 0) -> tuple[float, float, float]:
@@ -72,11 +72,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
-def _beats(cells: dict[tuple[str, int, str], dict[str, Any]], other: str) -> bool | None:
-    """Seer top-k below ``other`` at the same budget in every corpus/length cell (None: none)."""
-    pairs = [(v["mean"], cells[(c, n, lab.replace("seer", other, 1))]["mean"])
+def _beats(cells: dict[tuple[str, int, str], dict[str, Any]], other: str, seer: str = "seer"
+           ) -> bool | None:
+    """``seer`` top-k (``seer`` or ``seer+sink``) below ``other`` at the same budget in every
+    corpus/length cell (None: none)."""
+    pairs = [(v["mean"], cells[(c, n, lab.replace(seer, other, 1))]["mean"])
              for (c, n, lab), v in cells.items()
-             if lab.startswith("seer nz=") and (c, n, lab.replace("seer", other, 1)) in cells]
+             if lab.startswith(f"{seer} nz=") and (c, n, lab.replace(seer, other, 1)) in cells]
     return None if not pairs else all(s < o for s, o in pairs)
 
 
@@ -110,6 +112,13 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
         "seer_beats_trainingfree_everywhere": _beats(cells, "vslash"),
         "passkey_d03_minus_dense": _acc_diff(results, {"passkey"}, "seer nz=0.3"),
         "ruler_d03_minus_dense": _acc_diff(results, set(RULER_TASKS), "seer nz=0.3"),
+        # the same gates with the sink block forced (setting sink_blocks 1, not upstream's rule)
+        "ppl_ratio_seer_sink_to_oracle_d01_8k": _ratio(p("seer+sink nz=0.1"), p("oracle nz=0.1")),
+        "ppl_ratio_seer_sink_to_oracle_d03_8k": _ratio(p("seer+sink nz=0.3"), p("oracle nz=0.3")),
+        "seer_sink_beats_ashape_everywhere": _beats(cells, "ashape", "seer+sink"),
+        "seer_sink_beats_trainingfree_everywhere": _beats(cells, "vslash", "seer+sink"),
+        "passkey_sink_d03_minus_dense": _acc_diff(results, {"passkey"}, "seer+sink nz=0.3"),
+        "ruler_sink_d03_minus_dense": _acc_diff(results, set(RULER_TASKS), "seer+sink nz=0.3"),
     }
 
 
