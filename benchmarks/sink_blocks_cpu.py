@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (``vllm-seer prepare-model``) with the committed distilled
 offline evaluation path (:mod:`vllm_seer.eval.sparse`, the accuracy suite's selectors): per held-out
 window (the suite's round-robin windows of code and prose, :func:`vllm_seer.eval.suite.corpus_windows`)
 and top-k budget ``nz_ratio``: ``dense``, ``seer`` (upstream's selection), ``seer+sink``
-(``sink_blocks`` 1: block 0 first in every row's top-k, the row still keeps ``k``) and, with
+(``sink_blocks`` 1: block 0 first in every row's top-k, inside the row's ``k``) and, with
 ``--oracle``, the oracle top-k of the true block max-pooled attention. Writes a JSON of every
 window (resumable: cells already there are skipped) and a markdown table of per-window values and
 of the geometric-mean ratios seer+sink / seer and seer / oracle.

@@ -16,7 +16,7 @@
 #   piece of 47 MiB, i.e. the two-call layout above with s1 as "a") and the rest into
 #   .cache/gpu/b/partNN, with the gguf wheel (.cache/gpu/b/w/) and the held-out prose documents
 #   (.cache/gpu/b/prose-heldout.tar.gz). Sizes that fit beside the vLLM bundle's pieces (the
-#   repo takes ~18 MB of each call's 64 MiB): `prepare 6.6 6.6 23 46` rides along the three
+#   repo takes ~18 MB of each call's 64 MiB): `prepare 6 6 23 46` rides along the three
 #   install calls and one more (README "GPU runs"), leaving ~12 MB for the run call.
 # Env: SIZE (full|ci, default full), GATES (default the bundled gates), TRAIN_RECORD (gate training
 # metadata JSON), SUITE_TIMEOUT (seconds per call, default 540), SERVED_DTYPE (default bfloat16,
@@ -29,23 +29,25 @@ M=/tmp/models/SmolLM2-135M-Instruct
 if [[ ${1:-} == prepare ]]; then
   shift
   PY=${PYTHON:-.venv/bin/python}
-  rm -rf .cache/gpu && mkdir -p .cache/gpu/b/w
   "$PY" - "$GGUF_SHA" "${@:-47}" <<'PYEOF'
-import hashlib, sys
+import hashlib, shutil, sys
 from pathlib import Path
 from vllm_seer.train.prepare_model import find_gguf
 data = Path(find_gguf()).read_bytes()
 if hashlib.sha256(data).hexdigest() != sys.argv[1]:
     sys.exit(f"prepare: {find_gguf()} is not the GGUF this script expects (sha256 {sys.argv[1]})")
-off = 0
 sizes = [int(float(x) * 2**20) for x in sys.argv[2:]]
+if min(sizes) <= 0 or sum(sizes) >= len(data):
+    sys.exit(f"prepare: sizes {sys.argv[2:]} MiB must be > 0 and leave a rest of the "
+             f"{len(data)}-byte GGUF for .cache/gpu/b")
+shutil.rmtree(".cache/gpu", ignore_errors=True)
+Path(".cache/gpu/b/w").mkdir(parents=True)
+off = 0
 for i, size in enumerate(sizes):
     d = Path(f".cache/gpu/s{i + 1}")
     d.mkdir(parents=True, exist_ok=True)
     (d / f"part{i:02d}").write_bytes(data[off:off + size])
     off += size
-if off >= len(data):
-    sys.exit(f"prepare: the sizes cover the whole GGUF ({len(data)} bytes); leave a rest for b/")
 Path(f".cache/gpu/b/part{len(sizes):02d}").write_bytes(data[off:])
 PYEOF
   "$PY" -m pip download -q gguf==0.19.0 --no-deps -d .cache/gpu/b/w
@@ -75,7 +77,9 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-}:$PWD PYTHONUNBUFFERED=1 TQDM_MININTE
 if [[ ! -f $M/vllm_seer_prepared.json ]]; then
   cat /tmp/keep/part[0-9][0-9] > /tmp/model.gguf
   echo "$GGUF_SHA  /tmp/model.gguf" | sha256sum -c || {
-    echo "GGUF parts in /tmp/keep incomplete (the machine went cold between calls?): $(ls /tmp/keep)"
+    echo "the GGUF parts in /tmp/keep ($(ls /tmp/keep)) do not join to the expected file: some are"
+    echo "missing (the machine went cold between calls?) or stale (staged from another prepare layout;"
+    echo "rm -rf /tmp/keep and stage again)"
     exit 3; }
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .cache/gpu/b/w/*.whl
   python3 -c "import sys; from vllm_seer.train.prepare_model import prepare_model_main as m; \

@@ -36,7 +36,8 @@ class Selection:
     last_block_dense: bool
     # the first ``sink_blocks`` key blocks are active in every row (0: upstream's selection).
     # Under ``nz_ratio`` they rank above every other causal block, so they count in the row's k
-    # (density unchanged); under ``threshold`` they are kept whatever their probability.
+    # (a row grows only where a sink displaces its diagonal, which stays forced, or N > k); under
+    # ``threshold`` they are kept whatever their probability.
     sink_blocks: int = 0
 
     def __post_init__(self) -> None:

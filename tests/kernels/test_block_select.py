@@ -23,6 +23,9 @@ CPU_CASES = {
     "threshold-d128": ([500], [200], 2, 1, 128, Selection("threshold", 5e-3, 0.0, False)),
     "topk-sink2-ragged": ([700, 130, 64], [300, 130, 1], 4, 1, 64,
                           Selection("nz_ratio", 0.0, 0.3, True, sink_blocks=2)),
+    # k = int((1 - sqrt(0.7)) * 16) = 2 for the 1000-token request: the sink takes one of two places
+    "topk-sink1-k2": ([1000, 900], [400, 900], 2, 1, 64,
+                      Selection("nz_ratio", 0.0, 0.3, True, sink_blocks=1)),
     "threshold-sink1-chunk": ([640, 200], [100, 150], 2, 2, 64,
                               Selection("threshold", 2e-1, 0.0, False, sink_blocks=1)),
 }

@@ -24,7 +24,12 @@ def test_settings_parse_and_map_to_server_and_offline() -> None:
     assert sink.seer_config(Path("g"))["seer"]["sink_blocks"] == 1
     assert sink.selector({}, None).selection().sink_blocks == 1
     assert Setting.parse("thr=2e-3+sink=2").label == "seer+sink2 thr=0.002"
-    for bad in ("nz=0.1+sink=x", "nz=0.1+sink", "nz=0.1+foo=1"):
+    from vllm_seer.eval.sparse import Selector
+
+    with pytest.raises(ValueError, match="sink_blocks applies to the seer selector only"):
+        Selector("oracle", "nz_ratio", nz_ratio=0.1, sink_blocks=1)
+    for bad in ("nz=0.1+sink=x", "nz=0.1+sink", "nz=0.1+foo=1", "nz=0.1+5", "nz=0.1+sink=0",
+                "nz=0.1+sink=\u0663"):
         with pytest.raises(ServedEvalError, match="optionally followed by"):
             Setting.parse(bad)
     flags = server_flags(2048)

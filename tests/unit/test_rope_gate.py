@@ -117,7 +117,7 @@ def test_select_scores_topk_ranks_logits_where_probs_underflow():
 
 
 def test_select_sink_blocks_hand_case():
-    """``sink_blocks``: under top-k the first blocks take places of the row's k (density kept);
+    """``sink_blocks``: under top-k the first blocks take places of the row's k;
     under threshold they are added whatever their probability; the diagonal stays forced."""
     inf = float("-inf")
     # one head, query blocks 3 and 4 of 8 key blocks; k = int((1 - sqrt(0.5)) * 8) = 2
@@ -137,6 +137,12 @@ def test_select_sink_blocks_hand_case():
     thr = Selection("threshold", 0.2, 0.0, False, sink_blocks=1)
     probs = torch.tensor([[[0.0, 0.0, 0.7, 0.3, 0, 0, 0, 0]]])
     assert select(probs, 3, thr)[0, 0].int().tolist() == [1, 0, 1, 1, 0, 0, 0, 0]
+    # threshold on logits: the softmax of the original scores decides, the sink is added after
+    # (row 0: p = softmax(-9, -8, 5, 4) -> only blocks 2 and 3 pass 0.2; block 0 forced)
+    assert select_scores(scores, 3, thr)[0].int().tolist() == [[1, 0, 1, 1, 0, 0, 0, 0],
+                                                               [1, 0, 1, 1, 1, 0, 0, 0]]
+    assert torch.equal(select_scores(scores, 3, Selection("threshold", 0.2, 0.0, False)) |
+                       (torch.arange(8) == 0), select_scores(scores, 3, thr))
     # never past the causal boundary: query block 0 keeps only itself even with 3 sink blocks
     first = torch.tensor([[[0.0, inf, inf, inf]]])
     assert select_scores(first, 0, Selection("nz_ratio", 0.0, 0.5, False, sink_blocks=3)

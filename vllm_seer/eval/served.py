@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,11 @@ class Setting:
         main, plus, extra = text.partition("+")
         name, _, val = main.partition("=")
         kinds = {"nz": "nz_ratio", "thr": "threshold"}
-        sink = extra.removeprefix("sink=") if plus else "0"
-        if name not in kinds or not val or not sink.isdigit():
+        sink = re.fullmatch(r"sink=([1-9][0-9]*)", extra, flags=re.ASCII) if plus else None
+        if name not in kinds or not val or (plus and sink is None):
             raise ServedEvalError(f"setting {text!r}: expected dense, nz=R or thr=T, optionally "
-                                  "followed by +sink=N")
-        return cls(kinds[name], float(val), int(sink))
+                                  "followed by +sink=N (N >= 1)")
+        return cls(kinds[name], float(val), int(sink.group(1)) if sink else 0)
 
     @property
     def label(self) -> str:
