@@ -68,14 +68,9 @@ class Setting:
 
     @property
     def label(self) -> str:
-        """The offline selector label (``dense``, ``seer nz=0.3``, ``seer thr=0.002``,
-        ``seer+sink nz=0.1``), as :attr:`vllm_seer.eval.sparse.Selector.label` writes it."""
-        if self.kind == "dense":
-            return "dense"
-        name = "seer"
-        if self.sink_blocks:
-            name += "+sink" + (str(self.sink_blocks) if self.sink_blocks > 1 else "")
-        return f"{name} {'nz' if self.kind == 'nz_ratio' else 'thr'}={self.value:g}"
+        """The offline selector's label (``dense``, ``seer nz=0.3``, ``seer thr=0.002``,
+        ``seer+sink nz=0.1``)."""
+        return self.selector({}, None).label
 
     def seer_config(self, gates: Path, min_prefill_tokens: int = 0) -> dict[str, Any] | None:
         """The ``--additional-config`` dict (``None`` for dense: vLLM's own backend)."""
