@@ -127,11 +127,7 @@ class SeerConfig:
             last_block_dense=_flag(merged, "last_block_dense", True, origin),
             sink_blocks=_count(merged, "sink_blocks", 0),
         )
-        min_tokens = merged.get("min_prefill_tokens")
-        if min_tokens is not None and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int)
-                                       or min_tokens < 0):
-            raise SeerConfigError(f"seer setting 'min_prefill_tokens' must be an integer >= 0, "
-                                  f"got {min_tokens!r}")
+        min_tokens = _count(merged, "min_prefill_tokens", None)
         dense = merged.get("dense_layers", [])
         if not isinstance(dense, list) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dense
@@ -231,8 +227,11 @@ def _flag(m: dict[str, Any], key: str, default: bool, origin: dict[str, str]) ->
     return value
 
 
-def _count(m: dict[str, Any], key: str, default: int) -> int:
+def _count(m: dict[str, Any], key: str, default: int | None) -> int | None:
+    """An integer >= 0; ``None`` (absent or null) only for a setting whose default is ``None``."""
     value = m.get(key, default)
+    if value is None and default is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SeerConfigError(f"seer setting {key!r} must be an integer >= 0, got {value!r}")
     return value
