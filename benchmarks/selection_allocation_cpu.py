@@ -40,7 +40,7 @@ from vllm_seer.eval.suite_cli import load
 from vllm_seer.eval.tasks import perplexity
 from vllm_seer.gate import Selection, gate_scores, pool_k, pool_q, select
 from vllm_seer.rope import rotate
-from vllm_seer.train.data import document_windows, list_documents, prose_root
+from vllm_seer.train.data import prose_root
 from vllm_seer.train.prepare_model import prepare_model
 
 
@@ -117,14 +117,9 @@ def main() -> None:
     a = ap.parse_args()
     model, tok, w, inv, bs = load(prepare_model(), DEFAULT_GATES, torch.device("cpu"),
                                   torch.float32)
-    docs = heldout_windows(tok, a.length, a.windows)
-    for doc in list_documents("heldout", root=prose_root(), suffixes=(".txt",),
-                              min_bytes=a.length * 2):
-        ww = document_windows(tok, doc, a.length, max_windows=1)
-        if ww:
-            docs.append(("prose:" + doc.name, ww[0]))
-        if len(docs) == 2 * a.windows:
-            break
+    docs = heldout_windows(tok, a.length, a.windows) + [
+        ("prose:" + name, ids) for name, ids in
+        heldout_windows(tok, a.length, a.windows, root=prose_root(), suffixes=(".txt",))]
     sels = [Selector("dense"), Selector("seer", "nz_ratio", nz_ratio=a.nz, weights=w, inv_freq=inv),
             Selector("oracle", "nz_ratio", nz_ratio=a.nz)]
     for v in a.variants:

@@ -17,7 +17,7 @@ from vllm_seer.eval.sparse import STATE, Selector
 from vllm_seer.eval.suite_cli import load
 from vllm_seer.gate import Selection, gate_scores, pool_k, pool_q, select
 from vllm_seer.rope import rotate
-from vllm_seer.train.data import document_windows, list_documents, prose_root
+from vllm_seer.train.data import prose_root
 from vllm_seer.train.prepare_model import prepare_model
 
 
@@ -25,12 +25,7 @@ def window(tok, length: int, kind: str) -> tuple[str, torch.Tensor]:
     """The first held-out window of ``kind`` (code / prose), as the other CPU scripts pick it."""
     if kind == "code":
         return heldout_windows(tok, length, 1)[0]
-    for doc in list_documents("heldout", root=prose_root(), suffixes=(".txt",),
-                              min_bytes=length * 2):
-        ww = document_windows(tok, doc, length, max_windows=1)
-        if ww:
-            return doc.name, ww[0]
-    raise SystemExit(f"no held-out prose document of {length} tokens")
+    return heldout_windows(tok, length, 1, root=prose_root(), suffixes=(".txt",))[0]
 
 
 def mass(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float, bs: int) -> float:

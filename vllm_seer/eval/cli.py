@@ -48,10 +48,12 @@ def default_selectors(weights: dict[int, torch.Tensor], inv_freq: torch.Tensor,
     return sels
 
 
-def heldout_windows(tok: Any, length: int, count: int) -> list[tuple[str, torch.Tensor]]:
-    """The first ``length`` tokens of the first ``count`` long-enough held-out documents."""
+def heldout_windows(tok: Any, length: int, count: int, root: Path | None = None,
+                    suffixes: tuple[str, ...] = (".py",)) -> list[tuple[str, torch.Tensor]]:
+    """The first ``length`` tokens of the first ``count`` long-enough held-out documents (of the
+    stdlib code corpus, or of ``root`` with ``suffixes``, e.g. the prose corpus)."""
     out = []
-    for doc in list_documents("heldout", min_bytes=length * 2):
+    for doc in list_documents("heldout", root=root, min_bytes=length * 2, suffixes=suffixes):
         w = document_windows(tok, doc, length, max_windows=1)
         if w:
             out.append((doc.name, w[0]))
