@@ -10,6 +10,7 @@ variants and autotune entries of every Seer kernel before and after.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -119,6 +120,18 @@ def _gate_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
     return weight, inv, block_rope_table(inv, MAX_BLOCKS, BS), group_gate_weight(weight, HKV)
 
 
+def _vllm_config(needed: bool) -> contextlib.AbstractContextManager:
+    """vLLM's current-config context, as the engine holds it around the backend's warm-up: its
+    FlashAttention backend reads the cache layout setting from it (``get_kv_cache_stride_order``
+    in 0.26). Without it the test passed only where an earlier test of the same process had set a
+    config and vLLM's cached layout answer outlived it (``--jobs`` changes which files share one)."""
+    if not needed:
+        return contextlib.nullcontext()
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    return set_current_vllm_config(VllmConfig())
+
+
 @pytest.mark.parametrize("sel", [Selection("nz_ratio", 0.0, 0.1, True),
                                  Selection("threshold", 5e-4, 0.0, False)], ids=["topk", "threshold"])
 @pytest.mark.parametrize("page,fp8,layout", [(16, False, "token"), (64, False, "token"),
@@ -145,9 +158,11 @@ def test_no_compile_after_warm_up(page: int, fp8: bool, layout: str, sel: Select
                                               f8 if fp8 else torch.bfloat16, "cuda")
             return compat.cuda_kv_views(cache, D, f8 if fp8 else None)
 
-    warm_up(f8 if fp8 else torch.bfloat16, HQ, HKV, D, page, weight, inv, sel, MAX_BLOCKS, "cuda",
-            BS, 16384, table, grouped, kv_dtype=f8 if fp8 else None, out_dtype=torch.bfloat16,
-            kv_views=views, rope_positions=positions, pair_max_ratio=PAIR_RATIO, key_cache=True)
+    with _vllm_config(layout == "nhd"):
+        warm_up(f8 if fp8 else torch.bfloat16, HQ, HKV, D, page, weight, inv, sel, MAX_BLOCKS,
+                "cuda", BS, 16384, table, grouped, kv_dtype=f8 if fp8 else None,
+                out_dtype=torch.bfloat16, kv_views=views, rope_positions=positions,
+                pair_max_ratio=PAIR_RATIO, key_cache=True)
     torch.cuda.synchronize()
     before = _counts()
     assert all(c > 0 for c, _ in before.values()), f"the warm-up left kernels unbuilt: {before}"
