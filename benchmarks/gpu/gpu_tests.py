@@ -12,7 +12,9 @@ give for a clean checkout), since the GPU host's copy has no usable ``.git``; ``
 
 ``--jobs N`` runs the test files in N concurrent pytest processes (files dealt out largest
 first; each process's junit is merged into the one entry): Triton's compiles are CPU-bound and
-the host has 16 cores, so the group finishes in about the time of its slowest file.
+the host has 16 cores, so the group finishes in about the time of its slowest file. Use at most 3
+on an 80 GB card: with 6, the naive references of test_fp8_kv / test_sparse_prefill ran out of GPU
+memory (H100, 2026-12-08; 3 jobs ran the whole group there).
 
 Where one call cannot hold the whole group, run it in parts (pytest paths after ``--out``), then
 here::
