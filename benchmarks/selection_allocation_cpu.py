@@ -38,19 +38,9 @@ from vllm_seer.eval.served import DEFAULT_GATES
 from vllm_seer.eval.sparse import Selector
 from vllm_seer.eval.suite_cli import load
 from vllm_seer.eval.tasks import perplexity
-from vllm_seer.gate import Selection, gate_scores, pool_k, pool_q, select
-from vllm_seer.rope import rotate
+from vllm_seer.gate import Selection, gate_scores_post, select
 from vllm_seer.train.data import prose_root
 from vllm_seer.train.prepare_model import prepare_model
-
-
-def seer_probs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, inv: torch.Tensor, b: int
-               ) -> torch.Tensor:
-    """Gate probabilities ``[Hq, nb, nb]`` of a whole prompt (``q [T, Hq, D]``, ``k [T, Hkv, D]``)."""
-    pos = torch.arange(q.shape[0])
-    qpool, _ = pool_q(rotate(q, pos, inv, inverse=True), 0, b)
-    s = gate_scores(qpool, 0, pool_k(rotate(k, pos, inv, inverse=True), b), w, inv, b)
-    return torch.softmax(s, -1)
 
 
 @dataclass
@@ -67,7 +57,7 @@ class BudgetSel(Selector):
     def mask(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         b = self.block_size
         if self.src == "seer":
-            p = seer_probs(q, k, self.weights[layer], self.inv_freq, b)
+            p = torch.softmax(gate_scores_post(q, k, self.weights[layer], self.inv_freq, b)[0], -1)
         else:
             p = block_attn_ground_truth_ref(q, k, block_size=b)
         sel = Selection("nz_ratio", 0.0, self.nz_ratio, last_block_dense=True)

@@ -15,8 +15,7 @@ from vllm_seer.eval.cli import heldout_windows
 from vllm_seer.eval.served import DEFAULT_GATES
 from vllm_seer.eval.sparse import STATE, Selector
 from vllm_seer.eval.suite_cli import load
-from vllm_seer.gate import Selection, gate_scores, pool_k, pool_q, select
-from vllm_seer.rope import rotate
+from vllm_seer.gate import Selection, gate_scores_post, select
 from vllm_seer.train.data import prose_root
 from vllm_seer.train.prepare_model import prepare_model
 
@@ -63,21 +62,17 @@ def main() -> None:
         model.model(input_ids=ids[None], use_cache=False)
     Selector.mask = orig
     sel = Selection("nz_ratio", 0.0, nz, last_block_dense=True)
+    sink = Selection("nz_ratio", 0.0, nz, last_block_dense=True, sink_blocks=1)
     print(name)
     print("layer sink_or sink_seer recall_seer recall_seer+sink recall_oracle")
     agg = [0.0, 0.0, 0.0]
     rows = slice(1, length // bs - 2)
     for layer in range(len(cap)):
         q, k = cap[layer]
-        pos = torch.arange(length)
-        qpool, _ = pool_q(rotate(q, pos, inv, inverse=True), 0, bs)
-        kpool = pool_k(rotate(k, pos, inv, inverse=True), bs)
-        p = torch.softmax(gate_scores(qpool, 0, kpool, w[layer], inv, bs), -1)
+        p = torch.softmax(gate_scores_post(q, k, w[layer], inv, bs)[0], -1)
         m_seer = select(p, 0, sel)
         m_oracle = select(block_attn_ground_truth_ref(q, k, block_size=bs), 0, sel)
-        sink_first = p.clone()
-        sink_first[:, :, 0] = 2.0
-        m_sink = select(sink_first, 0, sel)
+        m_sink = select(p, 0, sink)
         r = [mass(q, k, m, q.shape[-1] ** -0.5, bs) for m in (m_seer, m_sink, m_oracle)]
         agg = [a + x for a, x in zip(agg, r, strict=True)]
         print(layer, round(float(m_oracle[:, rows, 0].float().mean()), 3),

@@ -211,10 +211,10 @@ def _finish(mask: torch.Tensor, qb0: int, sel: Selection) -> torch.Tensor:
     return mask & _causal(qb0, nqb, nkb, dev)
 
 
-def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tensor,
-              inv_freq: torch.Tensor, block_size: int, sel: Selection,
-              rope_scale: float = 1.0) -> tuple[torch.Tensor, int]:
-    """The whole gate for one request, from the post-RoPE tensors vLLM has.
+def gate_scores_post(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tensor,
+                     inv_freq: torch.Tensor, block_size: int, rope_scale: float = 1.0
+                     ) -> tuple[torch.Tensor, int]:
+    """The gate's logits for one request, from the post-RoPE tensors vLLM has.
 
     The un-rotation divides ``rope_scale`` out (exact pre-RoPE q/k, as upstream pools them) and the
     RoPE at block starts multiplies it back in. Because max / min / avg pooling and the projection
@@ -226,7 +226,7 @@ def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tens
         q_post: ``[n, Hq, D]`` this step's queries (post-RoPE), positions ``L-n .. L-1``.
         k_post_ctx: ``[L, Hkv, D]`` every key of the context (post-RoPE), positions ``0 .. L-1``.
     Returns:
-        (``[Hq, nqb, nkb]`` bool mask, ``qb0``).
+        (``[Hq, nqb, nkb]`` :func:`gate_scores` logits, ``qb0``).
     """
     n, L = q_post.shape[0], k_post_ctx.shape[0]
     dev = q_post.device
@@ -238,6 +238,19 @@ def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tens
     q_pooled, qb0 = pool_q(q_pre, start, block_size)
     scores = gate_scores(q_pooled, qb0, pool_k(k_pre, block_size), weight, inv_freq, block_size,
                          rope_scale)
+    return scores, qb0
+
+
+def gate_mask(q_post: torch.Tensor, k_post_ctx: torch.Tensor, weight: torch.Tensor,
+              inv_freq: torch.Tensor, block_size: int, sel: Selection,
+              rope_scale: float = 1.0) -> tuple[torch.Tensor, int]:
+    """The whole gate for one request: :func:`gate_scores_post` (same tensors) then
+    :func:`select_scores`.
+
+    Returns:
+        (``[Hq, nqb, nkb]`` bool mask, ``qb0``).
+    """
+    scores, qb0 = gate_scores_post(q_post, k_post_ctx, weight, inv_freq, block_size, rope_scale)
     return select_scores(scores, qb0, sel), qb0
 
 
